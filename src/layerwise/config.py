@@ -1,0 +1,162 @@
+"""`ModelConfig`: one Hugging Face config that names every depth variant.
+
+Every architectural choice is a named option (`norm`, `norm_placement`, `residual`, `value_residual`, `mlp`)
+looked up in a registry, so a new variant is one registered class. Invalid configs fail at construction
+with a `ValueError` that names the field, the value and what would be valid.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedConfig
+from transformers.generation import GenerationConfig
+
+# The version of the fields below as written to config.json; bump it when their meaning changes.
+CONFIG_VERSION = 1
+
+# Keys that transformers itself writes to or passes through config.json; everything else must be a field.
+_TRANSFORMERS_KEYS = {
+    "torch_dtype", "name_or_path", "_name_or_path", "_commit_hash", "output_attentions", "attn_implementation",
+    "experts_implementation", "per_layer_config", "use_cache", "num_labels", "_from_auto", "_from_pipeline",
+    "model_type",
+}
+
+
+class ModelConfig(PreTrainedConfig):
+    """Configuration of a `LayerwiseForCausalLM`. Build one with `ModelConfig.from_preset(name, size)`,
+    `ModelConfig.from_yaml(path)` or `ModelConfig(**fields)`."""
+
+    model_type = "layerwise"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    attribute_map = {
+        "hidden_size": "d_model",
+        "num_hidden_layers": "n_layers",
+        "num_attention_heads": "n_heads",
+        "num_key_value_heads": "n_kv_heads",
+        "max_position_embeddings": "max_seq_len",
+        "initializer_range": "init_std",
+    }
+
+    layerwise_version: int = CONFIG_VERSION
+    preset: str | None = None  # informational: the preset this config was built from
+
+    # Shape
+    vocab_size: int = 50304
+    d_model: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    n_kv_heads: int | None = None  # None: equal to n_heads (no GQA)
+    d_ff: int | None = None  # None: 4 d for gelu, the LLaMA 8/3 d rounded up to 64 for swiglu
+    max_seq_len: int = 1024
+    mlp: str = "swiglu"  # swiglu | gelu
+    bias: bool = False  # biases in attention and MLP projections
+    qk_norm: bool = False  # RMSNorm over head_dim on queries and keys
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = True
+    embedding_scale: bool = False  # a learnable scalar times the embedding, init sqrt(d) (DyT's LLaMA recipe)
+
+    # Init
+    init_std: float = 0.02
+    scaled_init: bool = False  # GPT-2 / Megatron: output projections use init_std / sqrt(2 L)
+
+    # Normalization
+    norm: str = "rmsnorm"  # layernorm | rmsnorm | dyt | bhyt | seednorm | frozen
+    norm_eps: float = 1e-6
+    norm_bias: bool = True  # beta in layernorm / dyt / frozen
+    norm_placement: str = "pre"  # pre | post | peri | mixln | deepnorm
+    embedding_norm: bool = False  # Peri-LN's optional norm on the embedding output
+    mixln_ratio: float = 0.25  # Mix-LN: the first round(ratio * L) layers are Post-LN
+    layernorm_scaling: bool = False  # LNS: scale pre-sublayer norm outputs of layer i by 1/sqrt(i+1)
+    dyt_alpha_attn: float = 0.5
+    dyt_alpha_mlp: float = 0.5
+    dyt_alpha_final: float = 0.5
+    bhyt_kappa: float = 10.0
+    bhyt_lambda_attn: float = 2.0
+    bhyt_lambda_mlp: float = 1.0
+    bhyt_lambda_final: float = 0.0  # 0: the final norm is a plain RMSNorm, as in the paper's configs
+    bhyt_exact: bool = False  # BHyT*: exact RMS at both norms instead of the parallel approximation
+    seednorm_heads: int = 1
+    seednorm_alpha: float = 1.0
+    frozen_norm_sigma: float = 1.0
+
+    # Residual scheme
+    residual: str = "standard"  # standard | full_attnres | block_attnres | delta_attnres | delta_block_attnres
+    attnres_blocks: int = 8  # block_attnres: blocks of sublayers; delta_block_attnres: blocks of layers
+
+    # Value residual
+    value_residual: str = "none"  # none | resformer | satformer
+    value_residual_gate: str = "relu"  # satformer gate: relu | sigmoid | tanh | identity
+    value_residual_last_k: int | None = None  # only the last k layers read layer 0's values
+
+    def __post_init__(self, **kwargs):
+        if kwargs.pop("model_type", self.model_type) != self.model_type:
+            raise ValueError(f"config has model_type={kwargs.get('model_type')!r}, not {self.model_type!r}")
+        unknown = sorted(k for k in kwargs if k not in _TRANSFORMERS_KEYS and k not in _generation_keys())
+        if unknown:
+            raise ValueError(
+                f"ModelConfig got unknown field(s) {', '.join(unknown)}; valid fields: {', '.join(field_names())}"
+            )
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.d_ff is None:
+            self.d_ff = default_d_ff(self.d_model, self.mlp)
+        super().__post_init__(**kwargs)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid field. Called at construction."""
+        from .validation import validate_config
+
+        validate_config(self)
+
+    # ---- construction helpers -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_preset(cls, name: str, size: str = "tiny", **overrides: Any) -> "ModelConfig":
+        """The named recipe (`layerwise presets` lists them) at a named size, with field overrides."""
+        from .presets import preset_fields
+
+        return cls(**{**preset_fields(name, size), **overrides})
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "ModelConfig":
+        """A YAML mapping of fields; `preset:` and `size:` keys start from a preset, other keys override it."""
+        import yaml
+
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of ModelConfig fields, got {type(data).__name__}")
+        preset, size = data.pop("preset", None), data.pop("size", "tiny")
+        if preset is None:
+            return cls(**data)
+        return cls.from_preset(preset, size, **data)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs):
+        version = config_dict.get("layerwise_version", CONFIG_VERSION)
+        if version != CONFIG_VERSION:
+            raise ValueError(
+                f"config.json has layerwise_version={version}, but this layerwise reads version {CONFIG_VERSION}; "
+                "upgrade layerwise or convert the checkpoint"
+            )
+        return super().from_dict(config_dict, **kwargs)
+
+
+def default_d_ff(d_model: int, mlp: str) -> int:
+    if mlp == "swiglu":
+        return 64 * -(-int(8 * d_model / 3) // 64)  # LLaMA: 8/3 d keeps parameters equal to a 4d GELU MLP
+    return 4 * d_model
+
+
+def field_names() -> list[str]:
+    from dataclasses import fields
+
+    base = {f.name for f in fields(PreTrainedConfig)}
+    return [f.name for f in fields(ModelConfig) if f.name not in base]
+
+
+def _generation_keys() -> set[str]:
+    return set(GenerationConfig._get_default_generation_params())

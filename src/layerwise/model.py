@@ -1,0 +1,177 @@
+"""`LayerwiseForCausalLM`: one decoder LM in which every depth variant is a config option.
+
+Read top to bottom: embed -> (optional embedding scale and norm) -> the residual scheme runs the layers ->
+final norm -> head. The variants live in `layerwise.nn`; this file wires them and follows the Hugging Face
+`PreTrainedModel` conventions so that save/load, `generate` and the Auto classes work unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .config import ModelConfig
+from .nn.attention import ForwardContext, rope_cos_sin
+from .nn.block import build_layer
+from .nn.norms import build_norm
+from .nn.placement import PLACEMENTS
+from .nn.residual import build_residual
+from .nn.value_residual import build_value_residual
+
+
+class LayerwisePreTrainedModel(PreTrainedModel):
+    config_class = ModelConfig
+    config: ModelConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["Layer", "BHyTParallelLayer"]
+    _supports_sdpa = True
+    _skip_keys_device_placement = ["past_key_values"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        # Every module states its own init: Linear/Embedding through `init_std` (set by `assign_init_stds`),
+        # variant modules through `reset_parameters`. transformers guards nn.init so loaded weights survive.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=getattr(module, "init_std", self.config.init_std))
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, LayerwiseModel):
+            if module.embedding_multiplier is not None:
+                nn.init.constant_(module.embedding_multiplier, math.sqrt(self.config.d_model))
+        elif hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+
+
+def assign_init_stds(model: "LayerwiseModel", cfg: ModelConfig) -> None:
+    """Per-projection init std: scaled init divides output projections by sqrt(2L) (GPT-2 / Megatron);
+    DeepNorm divides v, o and the MLP weights by (8N)^(1/4)."""
+    divisor = PLACEMENTS.get(cfg.norm_placement)().branch_init_divisor(cfg)
+    out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if cfg.scaled_init else cfg.init_std
+    for layer in model.layers:
+        attn, mlp = layer.attn.fn, layer.mlp.fn
+        attn.v_proj.init_std = cfg.init_std / divisor
+        attn.o_proj.init_std = out_std / divisor
+        for proj in mlp.input_projections():
+            proj.init_std = cfg.init_std / divisor
+        mlp.output_projection().init_std = out_std / divisor
+
+
+def attention_mask_for(attention_mask, past: int, T: int, device) -> tuple[torch.Tensor | None, bool]:
+    """(mask, is_causal) for SDPA. The common cases need no mask tensor: a fresh causal pass uses
+    is_causal=True, one decoded token attends to everything cached. Padding or chunked prefill builds one."""
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if not padded:
+        if past == 0:
+            return None, True
+        if T == 1:
+            return None, False
+    q_pos = past + torch.arange(T, device=device)
+    k_pos = torch.arange(past + T, device=device)
+    mask = (k_pos[None, :] <= q_pos[:, None])[None, None]  # [1, 1, T, past+T]
+    if padded:
+        mask = mask & attention_mask[:, None, None, -(past + T):].bool()
+        # A padded query would see nothing and give NaN; let it see itself (its output is ignored anyway).
+        mask = mask | (k_pos[None, :] == q_pos[:, None])[None, None]
+    return mask, False
+
+
+class LayerwiseModel(LayerwisePreTrainedModel):
+    """The decoder without the head: returns the final-normed hidden states."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        # DyT's LLaMA recipe: a learnable scalar on the embedding output, init sqrt(d).
+        self.embedding_multiplier = (
+            nn.Parameter(torch.tensor(math.sqrt(config.d_model))) if config.embedding_scale else None
+        )
+        self.embedding_norm = build_norm(config, "embedding") if config.embedding_norm else None
+        self.layers = nn.ModuleList(build_layer(config, i) for i in range(config.n_layers))
+        self.residual = build_residual(config)
+        self.value_residual = build_value_residual(config)
+        self.norm = build_norm(config, "final")
+        assign_init_stds(self, config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        T = h.shape[1]
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {past + T} tokens exceeds ModelConfig.max_seq_len={self.config.max_seq_len}")
+        if position_ids is None:
+            if attention_mask is not None:  # left padding: positions count real tokens only
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+            else:
+                position_ids = torch.arange(past, past + T, device=h.device)[None]
+        mask, is_causal = attention_mask_for(attention_mask, past, T, h.device)
+        ctx = ForwardContext(
+            rope=rope_cos_sin(position_ids, self.config.d_model // self.config.n_heads, self.config.rope_theta),
+            attn_mask=mask, is_causal=is_causal, cache=past_key_values, value_residual=self.value_residual,
+        )
+        if self.embedding_multiplier is not None:
+            h = h * self.embedding_multiplier
+        if self.embedding_norm is not None:
+            h = self.embedding_norm(h)
+        h = self.residual(h, self.layers, ctx)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), past_key_values=past_key_values)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy with HF's convention (labels = input ids; -100 ignored). The labels are shifted,
+    not the logits, so the [B, T, V] logits are never copied."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+class LayerwiseForCausalLM(LayerwisePreTrainedModel, GenerationMixin):
+    """Causal LM head on `LayerwiseModel`; HF-compatible (save_pretrained, from_pretrained, generate)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.model = LayerwiseModel(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int = 0,
+                **kwargs) -> CausalLMOutputWithPast:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+        h = out.last_hidden_state
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)

@@ -1,0 +1,104 @@
+"""A transformer layer: an attention sublayer then an MLP sublayer, each wrapped by its placement's norms."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import CausalSelfAttention
+from .mlp import build_mlp
+from .norms import BHyT, approximate_mean_square, attention_output_gain, build_norm, lns_scale, mean_square
+from .placement import SublayerLayout, layer_layouts
+
+
+class Sublayer(nn.Module):
+    """One sublayer F with the norms its layout asks for.
+
+    `branch(x)` = Norm_out(F(s * Norm_in(x))) is what the sublayer contributes (absent norms are identities,
+    s is the LNS depth scale); `forward(x)` applies the layout's residual update.
+    """
+
+    def __init__(self, fn: nn.Module, layout: SublayerLayout, norm_in, norm_out, depth_scale: float = 1.0):
+        super().__init__()
+        self.layout = layout
+        self.norm_in = norm_in if norm_in is not None else nn.Identity()
+        self.fn = fn
+        self.norm_out = norm_out if norm_out is not None else nn.Identity()
+        self.depth_scale = depth_scale
+
+    def branch(self, x, ctx):
+        h = self.norm_in(x)
+        if self.depth_scale != 1.0:
+            h = h * self.depth_scale
+        return self.norm_out(self.fn(h, ctx))
+
+    def forward(self, x, ctx):
+        if self.layout.post_add:
+            skip = x if self.layout.skip_weight == 1.0 else self.layout.skip_weight * x
+            return self.norm_out(skip + self.fn(x, ctx))
+        return x + self.branch(x, ctx)
+
+
+class Layer(nn.Module):
+    """Layer i: attention then MLP, with norms and scaling from the config's placement."""
+
+    def __init__(self, cfg, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        layout = layer_layouts(cfg)[layer_idx]
+        # LNS scales only norms that feed a sublayer (pre-sublayer norms); post-add layers have none.
+        scale = lns_scale(layer_idx) if cfg.layernorm_scaling and layout.norm_in else 1.0
+        self.attn = self._sublayer(cfg, CausalSelfAttention(cfg, layer_idx), layout, "attn", scale)
+        self.mlp = self._sublayer(cfg, build_mlp(cfg), layout, "mlp", scale)
+
+    @staticmethod
+    def _sublayer(cfg, fn, layout, kind, scale):
+        norm_in = build_norm(cfg, f"{kind}_in") if layout.norm_in else None
+        norm_out = build_norm(cfg, f"{kind}_out") if layout.norm_out else None
+        return Sublayer(fn, layout, norm_in, norm_out, depth_scale=scale)
+
+    def forward(self, x, ctx):
+        return self.mlp(self.attn(x, ctx), ctx)
+
+
+class BHyTParallelLayer(Layer):
+    """A Pre-LN layer with BHyT's default "parallel" form (Byun et al., arXiv 2601.09719).
+
+    The block computes one exact statistic, v = mean_d(h^2). The MLP-input norm uses the approximation
+    v + c * lambda_in^2 / kappa^2 instead of a second reduction, where c = ||W_V^T W_O^T||_F^2 / (T d) is
+    computed from the weights at the first forward and then kept (as the released code does).
+    """
+
+    def __init__(self, cfg, layer_idx: int):
+        super().__init__(cfg, layer_idx)
+        self.register_buffer("attn_gain", torch.tensor(float("nan")))  # c; NaN until the first forward
+        self._gain_ready = False
+
+    def reset_parameters(self):
+        nn.init.constant_(self.attn_gain, float("nan"))
+        self._gain_ready = False
+
+    def _ensure_gain(self, seq_len: int):
+        if self._gain_ready:
+            return
+        if not torch.isfinite(self.attn_gain):  # one host sync per layer, on the first forward only
+            attn = self.attn.fn
+            self.attn_gain.copy_(attention_output_gain(attn.v_proj.weight, attn.o_proj.weight, attn.n_heads, seq_len))
+        self._gain_ready = True
+
+    def forward(self, x, ctx):
+        self._ensure_gain(x.shape[1])
+        attn, mlp = self.attn, self.mlp
+        assert isinstance(attn.norm_in, BHyT) and isinstance(mlp.norm_in, BHyT)
+        ms = mean_square(x)
+        h = attn.norm_in(x, ms)
+        x = x + attn.fn(h * attn.depth_scale if attn.depth_scale != 1.0 else h, ctx)
+        ms_hat = approximate_mean_square(ms, self.attn_gain, attn.norm_in.lam, attn.norm_in.kappa)
+        h = mlp.norm_in(x, ms_hat)
+        return x + mlp.fn(h * mlp.depth_scale if mlp.depth_scale != 1.0 else h, ctx)
+
+
+def build_layer(cfg, layer_idx: int) -> Layer:
+    if cfg.norm == "bhyt" and not cfg.bhyt_exact:
+        return BHyTParallelLayer(cfg, layer_idx)
+    return Layer(cfg, layer_idx)

@@ -1,0 +1,53 @@
+"""Position-wise MLPs, selected by `ModelConfig.mlp`."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+from .registry import Registry
+
+MLPS: Registry[nn.Module] = Registry("MLP", "mlp")
+
+
+@MLPS.register("swiglu")
+class SwiGLU(nn.Module):
+    """SwiGLU MLP (Shazeer, 2020; LLaMA): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, d_model: int, d_ff: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
+
+    def input_projections(self):
+        return (self.gate_proj, self.up_proj)
+
+    def output_projection(self):
+        return self.down_proj
+
+    def forward(self, x, ctx=None):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@MLPS.register("gelu")
+class GeluMLP(nn.Module):
+    """GELU MLP (GPT-2): proj(gelu(fc(x)))."""
+
+    def __init__(self, d_model: int, d_ff: int, bias: bool = False):
+        super().__init__()
+        self.fc = nn.Linear(d_model, d_ff, bias=bias)
+        self.proj = nn.Linear(d_ff, d_model, bias=bias)
+
+    def input_projections(self):
+        return (self.fc,)
+
+    def output_projection(self):
+        return self.proj
+
+    def forward(self, x, ctx=None):
+        return self.proj(F.gelu(self.fc(x)))
+
+
+def build_mlp(cfg) -> nn.Module:
+    return MLPS.get(cfg.mlp)(cfg.d_model, cfg.d_ff, bias=cfg.bias)

@@ -1,0 +1,235 @@
+"""Normalization layers. Each maps [..., d] -> [..., d] per token and is selected by `ModelConfig.norm`.
+
+A norm is built for a *role* (where it sits): "attn_in", "attn_out", "mlp_in", "mlp_out", "final" or
+"embedding". Most norms ignore the role; DyT and BHyT take role-specific initial values from the config.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .registry import Registry
+
+NORMS: Registry[nn.Module] = Registry("norm", "norm")
+register_norm = NORMS.register
+
+
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean_d(x^2) + eps) with the mean of squares in float32, cast back (the LLaMA convention)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def mean_square(x: torch.Tensor) -> torch.Tensor:
+    """mean_d(x^2) in float32, keepdim; the one statistic RMS-based norms need."""
+    return x.float().pow(2).mean(-1, keepdim=True)
+
+
+def build_norm(cfg, role: str, dim: int | None = None) -> nn.Module:
+    """The norm named by `cfg.norm` for `role`; BHyT's final norm may fall back to RMSNorm (see BHyT)."""
+    return NORMS.get(cfg.norm).from_config(dim or cfg.d_model, cfg, role)
+
+
+def _role_is_attention(role: str) -> bool:
+    return role.startswith("attn") or role == "embedding"
+
+
+@register_norm("layernorm")
+class LayerNorm(nn.Module):
+    """LayerNorm (Ba et al., 2016): gamma * (x - mean) / sqrt(var + eps) + beta."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    @classmethod
+    def from_config(cls, dim, cfg, role):
+        return cls(dim, eps=cfg.norm_eps, bias=cfg.norm_bias)
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x):
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+
+@register_norm("rmsnorm")
+class RMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich, 2019): gamma * x / sqrt(mean(x^2) + eps)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    @classmethod
+    def from_config(cls, dim, cfg, role):
+        return cls(dim, eps=cfg.norm_eps)
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
+
+    def forward(self, x):
+        return self.weight * rms_normalize(x, self.eps)
+
+
+@register_norm("dyt")
+class DyT(nn.Module):
+    """Dynamic Tanh (Zhu, Chen, He, LeCun, Liu; CVPR 2025): gamma * tanh(alpha * x) + beta, no statistics."""
+
+    def __init__(self, dim: int, alpha0: float = 0.5, bias: bool = True):
+        super().__init__()
+        self.alpha0 = alpha0
+        self.alpha = nn.Parameter(torch.tensor(float(alpha0)))
+        self.weight = nn.Parameter(torch.ones(dim))
+        # The LLaMA recipe drops beta, mirroring RMSNorm's bias-free form.
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    @classmethod
+    def from_config(cls, dim, cfg, role):
+        if role == "final":
+            alpha0 = cfg.dyt_alpha_final
+        elif _role_is_attention(role):
+            alpha0 = cfg.dyt_alpha_attn
+        else:
+            alpha0 = cfg.dyt_alpha_mlp
+        return cls(dim, alpha0=alpha0, bias=cfg.norm_bias)
+
+    def reset_parameters(self):
+        nn.init.constant_(self.alpha, self.alpha0)
+        nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x):
+        y = self.weight * torch.tanh(self.alpha * x)
+        return y + self.bias if self.bias is not None else y
+
+
+@register_norm("bhyt")
+class BHyT(nn.Module):
+    """Bounded hyperbolic tangent (Byun et al., arXiv 2601.09719): gamma * tanh(lambda * x / (kappa * RMS(x))).
+
+    Called with `mean_square` it uses that statistic instead of computing one: this is how the default
+    "parallel" form feeds the MLP-input norm an approximated variance (see `approximate_mean_square`).
+    Without it, it is the exact BHyT* form.
+    """
+
+    def __init__(self, dim: int, lambda0: float = 1.0, kappa: float = 10.0):
+        super().__init__()
+        self.lambda0 = lambda0
+        self.kappa = kappa
+        self.lam = nn.Parameter(torch.tensor(float(lambda0)))
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    @classmethod
+    def from_config(cls, dim, cfg, role):
+        if role == "final":
+            if cfg.bhyt_lambda_final <= 0:
+                # The paper's recommended configs (lambda_final = 0) keep a plain RMSNorm before the head.
+                return RMSNorm(dim, eps=cfg.norm_eps)
+            lambda0 = cfg.bhyt_lambda_final
+        elif _role_is_attention(role):
+            lambda0 = cfg.bhyt_lambda_attn
+        else:
+            lambda0 = cfg.bhyt_lambda_mlp
+        return cls(dim, lambda0=lambda0, kappa=cfg.bhyt_kappa)
+
+    def reset_parameters(self):
+        nn.init.constant_(self.lam, self.lambda0)
+        nn.init.ones_(self.weight)
+
+    def forward(self, x, mean_square_of_x: torch.Tensor | None = None):
+        ms = mean_square(x) if mean_square_of_x is None else mean_square_of_x
+        r = torch.rsqrt(ms + 1e-6) / self.kappa
+        return self.weight * torch.tanh(self.lam * r * x.float()).to(x.dtype)
+
+
+def approximate_mean_square(ms_before: torch.Tensor, gain: torch.Tensor, lam_in: torch.Tensor, kappa: float):
+    """BHyT parallel form: mean_d((h + a)^2) ~= mean_d(h^2) + c * lambda_in^2 / kappa^2, lambda_in detached."""
+    return ms_before + gain * lam_in.detach().float().pow(2) / kappa**2
+
+
+@torch.no_grad()
+def attention_output_gain(v_weight: torch.Tensor, o_weight: torch.Tensor, n_heads: int, seq_len: int) -> torch.Tensor:
+    """BHyT's c = ||W_V^T W_O^T||_F^2 / (T d), with W_V expanded to every query head (GQA)."""
+    d = o_weight.shape[0]
+    head_dim = o_weight.shape[1] // n_heads
+    n_kv = v_weight.shape[0] // head_dim
+    wv = v_weight.float().view(n_kv, head_dim, -1).repeat_interleave(n_heads // n_kv, dim=0).reshape(-1, d)
+    return (o_weight.float() @ wv).pow(2).sum() / (seq_len * d)
+
+
+@register_norm("seednorm")
+class SeeDNorm(nn.Module):
+    """SeeDNorm (Cai et al., ICLR 2026): RMSNorm whose gain is rescaled per token by tanh(<x, beta>)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, heads: int = 1, alpha0: float = 1.0):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"SeeDNorm heads={heads} must divide the width {dim}")
+        self.eps, self.heads, self.alpha0 = eps, heads, alpha0
+        self.weight = nn.Parameter(torch.ones(dim))  # gamma
+        self.alpha = nn.Parameter(torch.full((dim,), float(alpha0)))
+        self.beta = nn.Parameter(torch.zeros(dim))  # zero: SeeDNorm == RMSNorm at init
+
+    @classmethod
+    def from_config(cls, dim, cfg, role):
+        return cls(dim, eps=cfg.norm_eps, heads=cfg.seednorm_heads, alpha0=cfg.seednorm_alpha)
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
+        nn.init.constant_(self.alpha, self.alpha0)
+        nn.init.zeros_(self.beta)
+
+    def forward(self, x):
+        # The dot product uses the un-normalised x: that is how the input norm survives normalisation.
+        xf = x.float()
+        chunks = xf.unflatten(-1, (self.heads, -1)) * self.beta.float().view(self.heads, -1)
+        s = torch.tanh(chunks.sum(-1)).repeat_interleave(x.shape[-1] // self.heads, dim=-1)
+        return (self.weight + self.alpha * s) * rms_normalize(x, self.eps)
+
+
+@register_norm("frozen")
+class FrozenScaleNorm(nn.Module):
+    """LN with a fixed scale (Baroni et al., arXiv 2507.02559 "FakeLN"): gamma * (x - mean) / sigma + beta.
+
+    sigma is a persistent buffer, not learned: the map is affine, so it can be folded into its neighbours.
+    """
+
+    def __init__(self, dim: int, sigma: float = 1.0, bias: bool = True):
+        super().__init__()
+        self.sigma0 = sigma
+        self.register_buffer("sigma", torch.tensor(float(sigma)))
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    @classmethod
+    def from_config(cls, dim, cfg, role):
+        return cls(dim, sigma=cfg.frozen_norm_sigma, bias=cfg.norm_bias)
+
+    def reset_parameters(self):
+        nn.init.constant_(self.sigma, self.sigma0)
+        nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x):
+        y = self.weight * (x - x.mean(-1, keepdim=True)) / self.sigma
+        return y + self.bias if self.bias is not None else y
+
+
+def lns_scale(layer_idx: int) -> float:
+    """LayerNorm Scaling (Sun et al., NeurIPS 2025): 1/sqrt(i+1) for 0-based layer i, a Python float.
+
+    A float rather than a buffer on purpose: OLMo-core PR #698 lost a buffer-held scale to re-initialisation.
+    """
+    return 1.0 / math.sqrt(layer_idx + 1)

@@ -1,0 +1,204 @@
+"""Residual schemes: how sublayer outputs flow along depth. Selected by `ModelConfig.residual`.
+
+A scheme runs the layers: `scheme(h, layers, ctx)` takes the embedding output and returns the hidden state
+for the final norm. The standard scheme lets each layer's placement do the residual add; the AttnRes
+schemes call each sublayer's `branch` (its output before any residual add) and route the inputs themselves.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .norms import RMSNorm
+from .registry import Registry
+
+RESIDUALS: Registry[nn.Module] = Registry("residual scheme", "residual")
+
+
+def _fail(field: str, value, why: str) -> None:
+    raise ValueError(f"ModelConfig.{field}={value!r} {why}")
+
+
+def sublayers(layers) -> Iterator[nn.Module]:
+    """Attention and MLP sublayers in execution order: layer 0 attn, layer 0 mlp, layer 1 attn, ..."""
+    for layer in layers:
+        yield layer.attn
+        yield layer.mlp
+
+
+class DepthAttention(nn.Module):
+    """Softmax attention over depth (Kimi Team, arXiv 2603.15031): sum_i softmax_i(w . RMSNorm(v_i)) v_i.
+
+    The pseudo-query w is input-independent and zero at init, so a fresh mixer is the uniform mean of its
+    sources. Keys are normalised, values are the raw sources; there is no 1/sqrt(d) temperature.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.query = nn.Parameter(torch.zeros(dim))
+        self.key_norm = RMSNorm(dim, eps=eps)
+
+    def reset_parameters(self):
+        nn.init.zeros_(self.query)
+
+    def weights(self, sources: torch.Tensor) -> torch.Tensor:
+        """Depth-attention weights [S, B, T] for stacked sources [S, B, T, d], softmax over S in float32."""
+        # Elementwise product + sum, not a matmul: autocast would run a matmul in bf16.
+        logits = (self.key_norm(sources).float() * self.query.float()).sum(-1)
+        return logits.softmax(dim=0)
+
+    def forward(self, sources: list[torch.Tensor]) -> torch.Tensor:
+        v = torch.stack(sources)
+        w = self.weights(v)
+        return (w.unsqueeze(-1) * v.float()).sum(0).to(v.dtype)
+
+
+@RESIDUALS.register("standard")
+class StandardResidual(nn.Module):
+    """The additive residual stream (He et al., 2016); each layer's placement applies the add."""
+
+    def __init__(self, cfg):
+        super().__init__()
+
+    @classmethod
+    def validate(cls, cfg):
+        pass
+
+    def forward(self, h, layers, ctx):
+        for layer in layers:
+            h = layer(h, ctx)
+        return h
+
+
+@RESIDUALS.register("block_attnres")
+class BlockAttnRes(nn.Module):
+    """Block AttnRes (Kimi Team, arXiv 2603.15031): each sublayer reads a depth-softmax over block sums.
+
+    Sublayers are split into N blocks of S = 2L/N. Sources for a sublayer are the completed block sums
+    [b_0 = embedding, b_1, ...] plus the running partial sum of its own block; the partial sum starts empty
+    at every block boundary (0-based: sublayer j with j % S == 0), checked after that sublayer's input is
+    formed. The output is one more depth-softmax over all blocks and the last partial sum.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        n_sub = 2 * cfg.n_layers
+        self.block_size = n_sub // self.n_blocks(cfg)
+        self.mixers = nn.ModuleList(DepthAttention(cfg.d_model, cfg.norm_eps) for _ in range(n_sub))
+        self.final_mixer = DepthAttention(cfg.d_model, cfg.norm_eps)
+
+    @staticmethod
+    def n_blocks(cfg) -> int:
+        return cfg.attnres_blocks
+
+    @classmethod
+    def validate(cls, cfg):
+        n_sub, n = 2 * cfg.n_layers, cls.n_blocks(cfg)
+        if not 1 <= n <= n_sub:
+            _fail("attnres_blocks", n, f"exceeds the {n_sub} sublayers of a {cfg.n_layers}-layer model; use 1..{n_sub}")
+        if n_sub % n:
+            valid = [d for d in range(1, n_sub + 1) if n_sub % d == 0]
+            _fail("attnres_blocks", n, f"must divide the {n_sub} sublayers into equal blocks; valid: {valid}")
+
+    def source_count_at_output(self, n_layers: int) -> int:
+        return (2 * n_layers - 1) // self.block_size + 2
+
+    def forward(self, h, layers, ctx):
+        blocks: list[torch.Tensor] = []
+        partial: torch.Tensor | None = h  # the embedding; the first boundary records it as b_0
+        for j, sub in enumerate(sublayers(layers)):
+            x = self.mixers[j](blocks + [partial])
+            if j % self.block_size == 0:
+                blocks.append(partial)
+                partial = None
+            out = sub.branch(x, ctx)
+            partial = out if partial is None else partial + out
+        return self.final_mixer(blocks + [partial])
+
+
+@RESIDUALS.register("full_attnres")
+class FullAttnRes(BlockAttnRes):
+    """Full AttnRes (Kimi Team, arXiv 2603.15031): each sublayer reads a depth-softmax over all earlier outputs.
+
+    Exactly Block AttnRes with one sublayer per block; `attnres_blocks` is ignored.
+    """
+
+    @staticmethod
+    def n_blocks(cfg) -> int:
+        return 2 * cfg.n_layers
+
+    @classmethod
+    def validate(cls, cfg):
+        pass
+
+
+@RESIDUALS.register("delta_attnres")
+class DeltaAttnRes(nn.Module):
+    """Delta AttnRes (Luo, Cai, Hu): the residual stream stays; each sublayer input adds a depth-softmax over
+    the embedding and every earlier sublayer output (the per-sublayer deltas h_{i+1} - h_i).
+
+    The first sublayer has no sources and reads the stream alone. There is no final routing.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        # Sublayer 0 has no sources, so it has no mixer (an unused parameter would trouble DDP).
+        self.mixers = nn.ModuleList(DepthAttention(cfg.d_model, cfg.norm_eps) for _ in range(2 * cfg.n_layers - 1))
+
+    @classmethod
+    def validate(cls, cfg):
+        pass
+
+    def forward(self, h, layers, ctx):
+        sources: list[torch.Tensor] = []
+        for j, sub in enumerate(sublayers(layers)):
+            x = h + self.mixers[j - 1](sources) if j else h
+            out = sub.branch(x, ctx)
+            if j == 0:
+                sources.append(h)  # the embedding becomes the first source once sublayer 0 has read it
+            sources.append(out)
+            h = h + out
+        return h
+
+
+@RESIDUALS.register("delta_block_attnres")
+class DeltaBlockAttnRes(nn.Module):
+    """Delta Block AttnRes (Luo, Cai, Hu): Delta AttnRes whose sources are the embedding and per-block deltas.
+
+    Layers are grouped in blocks of ceil(L/N). At the first layer of each block, after its attention input is
+    formed, the source Delta_k = h_now - h_at_previous_block_start is appended (the embedding at layer 0).
+    The released code appends h_now - sources[-1] instead, which yields alternating sums [e, D0, e+D1, ...];
+    we implement the intended block deltas.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.layers_per_block = math.ceil(cfg.n_layers / cfg.attnres_blocks)
+        self.mixers = nn.ModuleList(DepthAttention(cfg.d_model, cfg.norm_eps) for _ in range(2 * cfg.n_layers - 1))
+
+    @classmethod
+    def validate(cls, cfg):
+        if not 1 <= cfg.attnres_blocks <= cfg.n_layers:
+            _fail("attnres_blocks", cfg.attnres_blocks,
+                  f"exceeds the {cfg.n_layers} layers that delta_block_attnres groups; use 1..{cfg.n_layers}")
+
+    def forward(self, h, layers, ctx):
+        sources: list[torch.Tensor] = []
+        block_start: torch.Tensor | None = None
+        for j, sub in enumerate(sublayers(layers)):
+            x = h + self.mixers[j - 1](sources) if sources else h
+            out = sub.branch(x, ctx)
+            layer_idx, is_attention = divmod(j, 2)[0], j % 2 == 0
+            if is_attention and layer_idx % self.layers_per_block == 0:
+                sources.append(h if block_start is None else h - block_start)
+                block_start = h
+            h = h + out
+        return h
+
+
+def build_residual(cfg) -> nn.Module:
+    return RESIDUALS.get(cfg.residual)(cfg)

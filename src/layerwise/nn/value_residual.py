@@ -1,0 +1,98 @@
+"""Value residuals: later layers read layer 0's attention values. Selected by `ModelConfig.value_residual`.
+
+Layer 0 exports its raw value projection V_1 ([B, T, H_kv, d_head], no RoPE); layer n >= 1 replaces its
+values V_n by a mix before attention. The mix is per token, so a KV cache of the mixed values stays exact.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .registry import Registry
+
+VALUE_RESIDUALS: Registry[nn.Module] = Registry("value residual", "value_residual")
+
+
+class ValueResidual(nn.Module):
+    """Base: records layer 0's values and hands later layers' values to `mix`."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_layers = cfg.n_layers
+        k = cfg.value_residual_last_k
+        self.first_mixed_layer = 1 if k is None else cfg.n_layers - k
+
+    def forward(self, layer_idx: int, v: torch.Tensor, x: torch.Tensor, ctx) -> torch.Tensor:
+        if layer_idx == 0:
+            ctx.v_first = v
+            return v
+        if layer_idx < self.first_mixed_layer:
+            return v
+        return self.mix(layer_idx, v, ctx.v_first, x)
+
+    def mix(self, layer_idx, v, v_first, x):
+        raise NotImplementedError
+
+
+@VALUE_RESIDUALS.register("none")
+class NoValueResidual(nn.Module):
+    """No value residual: each layer uses its own values."""
+
+    def __init__(self, cfg):
+        super().__init__()
+
+
+@VALUE_RESIDUALS.register("resformer")
+class ResFormer(ValueResidual):
+    """ResFormer (Zhou et al., 2024; SATFormer repo): V'_n = lambda1_n V_1 + lambda2_n V_n, static per layer.
+
+    lambda1_n = lambda_scale * softmax(logits)_n over layers 1..L-1 (scale init L, logits init 0);
+    lambda2_n is a scalar per layer, init 0.5.
+    """
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        n = max(cfg.n_layers - 1, 1)
+        self.lambda_logits = nn.Parameter(torch.zeros(n))
+        self.lambda_scale = nn.Parameter(torch.tensor(float(cfg.n_layers)))
+        self.lambda_self = nn.Parameter(torch.full((n,), 0.5))
+
+    def reset_parameters(self):
+        nn.init.zeros_(self.lambda_logits)
+        nn.init.constant_(self.lambda_scale, float(self.n_layers))
+        nn.init.constant_(self.lambda_self, 0.5)
+
+    def mix(self, layer_idx, v, v_first, x):
+        lambda_first = self.lambda_scale * torch.softmax(self.lambda_logits, dim=0)[layer_idx - 1]
+        return (lambda_first * v_first + self.lambda_self[layer_idx - 1] * v).to(v.dtype)
+
+
+_GATES = {"relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "identity": lambda z: z}
+
+
+@VALUE_RESIDUALS.register("satformer")
+class SATFormer(ValueResidual):
+    """SATFormer (Gunasekaran et al., arXiv 2605.03953): V'_n = V_n + phi(W_alpha x_n) * V_1, a gate per KV head.
+
+    x_n is the layer's normed attention input; W_alpha in R^{H_kv x d} has no bias and init N(0, init_std).
+    """
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.gate_fn = _GATES[cfg.value_residual_gate]
+        self.gates = nn.ModuleList(
+            nn.Linear(cfg.d_model, cfg.n_kv_heads, bias=False) for _ in range(self.first_mixed_layer, cfg.n_layers)
+        )
+
+    def mix(self, layer_idx, v, v_first, x):
+        g = self.gate_fn(self.gates[layer_idx - self.first_mixed_layer](x))  # [B, T, H_kv]
+        return v + g[..., None] * v_first
+
+
+def build_value_residual(cfg) -> nn.Module | None:
+    """The model's value-residual module, or None when each layer keeps its own values."""
+    if cfg.value_residual == "none":
+        return None
+    return VALUE_RESIDUALS.get(cfg.value_residual)(cfg)

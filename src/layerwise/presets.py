@@ -1,0 +1,89 @@
+"""Named recipes (one per paper) and named sizes. `ModelConfig.from_preset(name, size)` combines them.
+
+Every preset except `pre-ln` starts from the LLaMA-style base the depth papers use (RMSNorm, SwiGLU, RoPE,
+Pre-LN) and changes only what its paper changes, so presets differ from `pre-rmsnorm` in exactly the
+fields listed by `layerwise presets`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+SIZES: dict[str, dict[str, Any]] = {
+    # Byte-level vocabulary: trains on 2 CPU cores in seconds.
+    "tiny": dict(vocab_size=256, d_model=128, n_layers=4, n_heads=4, max_seq_len=256),
+    "124m": dict(vocab_size=50304, d_model=768, n_layers=12, n_heads=12, max_seq_len=1024),
+    "350m": dict(vocab_size=50304, d_model=1024, n_layers=24, n_heads=16, max_seq_len=1024),
+    # Llama-3.2-1B's shape with a GPT-2-sized vocabulary.
+    "1b": dict(vocab_size=50304, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, max_seq_len=2048),
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    paper: str  # the paper this recipe reproduces, one line
+    fields: dict[str, Any] = field(default_factory=dict)
+    # Fields that depend on the size (e.g. how many AttnRes blocks divide the depth).
+    sized_fields: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+
+    def resolve(self, size_fields: dict[str, Any]) -> dict[str, Any]:
+        extra = self.sized_fields(size_fields) if self.sized_fields else {}
+        return {**self.fields, **extra}
+
+
+def _block_attnres_blocks(size: dict[str, Any]) -> dict[str, Any]:
+    # The paper's N = 8 when it splits the sublayers evenly and is not already Full AttnRes; else 1 layer/block.
+    n_sub = 2 * size["n_layers"]
+    return {"attnres_blocks": 8 if n_sub > 8 and n_sub % 8 == 0 else size["n_layers"]}
+
+
+def _delta_blocks(size: dict[str, Any]) -> dict[str, Any]:
+    return {"attnres_blocks": min(4, size["n_layers"])}  # the Delta AttnRes code's default num_blocks = 4
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset("pre-ln", "Pre-LN GPT-2 style (Xiong et al., ICML 2020): LayerNorm, GELU MLP",
+               dict(norm="layernorm", norm_eps=1e-5, mlp="gelu")),
+        Preset("pre-rmsnorm", "Pre-RMSNorm LLaMA baseline (Touvron et al., 2023; Jiang et al., NeurIPS 2023)"),
+        Preset("post-ln", "Post-LN (Vaswani et al., NeurIPS 2017)", dict(norm_placement="post")),
+        Preset("peri-ln", "Peri-LN (Kim et al., ICML 2025): norms around each sublayer and on the embedding",
+               dict(norm_placement="peri", embedding_norm=True)),
+        Preset("mix-ln", "Mix-LN (Li, Yin, Liu; ICLR 2025): Post-LN for the first 25% of layers",
+               dict(norm_placement="mixln", mixln_ratio=0.25)),
+        Preset("deepnorm", "DeepNorm (Wang et al., DeepNet 2022)", dict(norm_placement="deepnorm")),
+        Preset("lns", "LayerNorm Scaling (Sun et al., NeurIPS 2025, 'The Curse of Depth in LLMs')",
+               dict(layernorm_scaling=True)),
+        Preset("dyt", "Dynamic Tanh (Zhu et al., CVPR 2025), LLaMA recipe: no beta, alpha0 0.8/0.2/0.2, emb scale",
+               dict(norm="dyt", norm_bias=False, dyt_alpha_attn=0.8, dyt_alpha_mlp=0.2, dyt_alpha_final=0.2,
+                    embedding_scale=True)),
+        Preset("bhyt", "BHyT (Byun et al., arXiv 2601.09719), parallel form, lambda 2/1/0, kappa 10",
+               dict(norm="bhyt")),
+        Preset("bhyt-star", "BHyT* (Byun et al., arXiv 2601.09719): exact RMS at both norms",
+               dict(norm="bhyt", bhyt_exact=True)),
+        Preset("seednorm", "SeeDNorm (Cai et al., ICLR 2026), single head, alpha0 1", dict(norm="seednorm")),
+        Preset("attnres", "Full Attention Residuals (Kimi Team, arXiv 2603.15031)", dict(residual="full_attnres")),
+        Preset("block-attnres", "Block Attention Residuals (Kimi Team, arXiv 2603.15031), N = 8 blocks",
+               dict(residual="block_attnres"), _block_attnres_blocks),
+        Preset("delta-attnres", "Delta AttnRes (Luo, Cai, Hu): additive routing over per-sublayer deltas",
+               dict(residual="delta_attnres")),
+        Preset("delta-block-attnres", "Delta Block AttnRes (Luo, Cai, Hu): routing over per-block deltas, N = 4",
+               dict(residual="delta_block_attnres"), _delta_blocks),
+        Preset("resformer", "ResFormer value residual (Zhou et al., 2024)", dict(value_residual="resformer")),
+        Preset("satformer", "SATFormer (Gunasekaran et al., arXiv 2605.03953): gated access to layer-0 values",
+               dict(value_residual="satformer", qk_norm=True)),
+    ]
+}
+
+
+def preset_fields(name: str, size: str) -> dict[str, Any]:
+    """All ModelConfig fields of preset `name` at `size` (before user overrides)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; valid: {', '.join(SIZES)}")
+    size_fields = SIZES[size]
+    return {**size_fields, **PRESETS[name].resolve(size_fields), "preset": name}
