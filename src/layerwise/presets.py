@@ -66,7 +66,7 @@ PRESETS: dict[str, Preset] = {
                dict(norm="bhyt", bhyt_exact=True)),
         Preset("seednorm", "SeeDNorm (Cai et al., ICLR 2026), single head, alpha0 1", dict(norm="seednorm")),
         Preset("attnres", "Full Attention Residuals (Kimi Team, arXiv 2603.15031)", dict(residual="full_attnres")),
-        Preset("block-attnres", "Block Attention Residuals (Kimi Team, arXiv 2603.15031), N = 8 blocks",
+        Preset("block-attnres", "Block Attention Residuals (Kimi Team, arXiv 2603.15031), 8 blocks where they divide the depth",
                dict(residual="block_attnres"), _block_attnres_blocks),
         Preset("delta-attnres", "Delta AttnRes (Luo, Cai, Hu): additive routing over per-sublayer deltas",
                dict(residual="delta_attnres")),

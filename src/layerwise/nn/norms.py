@@ -18,15 +18,20 @@ NORMS: Registry[nn.Module] = Registry("norm", "norm")
 register_norm = NORMS.register
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """x in float32, or float64 if it already is: statistics never run in bf16, and float64 checks stay exact."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean_d(x^2) + eps) with the mean of squares in float32, cast back (the LLaMA convention)."""
-    xf = x.float()
+    xf = at_least_float32(x)
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def mean_square(x: torch.Tensor) -> torch.Tensor:
     """mean_d(x^2) in float32, keepdim; the one statistic RMS-based norms need."""
-    return x.float().pow(2).mean(-1, keepdim=True)
+    return at_least_float32(x).pow(2).mean(-1, keepdim=True)
 
 
 def build_norm(cfg, role: str, dim: int | None = None) -> nn.Module:
@@ -150,12 +155,12 @@ class BHyT(nn.Module):
     def forward(self, x, mean_square_of_x: torch.Tensor | None = None):
         ms = mean_square(x) if mean_square_of_x is None else mean_square_of_x
         r = torch.rsqrt(ms + 1e-6) / self.kappa
-        return self.weight * torch.tanh(self.lam * r * x.float()).to(x.dtype)
+        return self.weight * torch.tanh(self.lam * r * at_least_float32(x)).to(x.dtype)
 
 
 def approximate_mean_square(ms_before: torch.Tensor, gain: torch.Tensor, lam_in: torch.Tensor, kappa: float):
     """BHyT parallel form: mean_d((h + a)^2) ~= mean_d(h^2) + c * lambda_in^2 / kappa^2, lambda_in detached."""
-    return ms_before + gain * lam_in.detach().float().pow(2) / kappa**2
+    return ms_before + gain * lam_in.detach().pow(2) / kappa**2
 
 
 @torch.no_grad()
@@ -164,8 +169,8 @@ def attention_output_gain(v_weight: torch.Tensor, o_weight: torch.Tensor, n_head
     d = o_weight.shape[0]
     head_dim = o_weight.shape[1] // n_heads
     n_kv = v_weight.shape[0] // head_dim
-    wv = v_weight.float().view(n_kv, head_dim, -1).repeat_interleave(n_heads // n_kv, dim=0).reshape(-1, d)
-    return (o_weight.float() @ wv).pow(2).sum() / (seq_len * d)
+    wv = at_least_float32(v_weight).view(n_kv, head_dim, -1).repeat_interleave(n_heads // n_kv, dim=0).reshape(-1, d)
+    return (at_least_float32(o_weight) @ wv).pow(2).sum() / (seq_len * d)
 
 
 @register_norm("seednorm")
@@ -192,8 +197,8 @@ class SeeDNorm(nn.Module):
 
     def forward(self, x):
         # The dot product uses the un-normalised x: that is how the input norm survives normalisation.
-        xf = x.float()
-        chunks = xf.unflatten(-1, (self.heads, -1)) * self.beta.float().view(self.heads, -1)
+        xf = at_least_float32(x)
+        chunks = xf.unflatten(-1, (self.heads, -1)) * at_least_float32(self.beta).view(self.heads, -1)
         s = torch.tanh(chunks.sum(-1)).repeat_interleave(x.shape[-1] // self.heads, dim=-1)
         return (self.weight + self.alpha * s) * rms_normalize(x, self.eps)
 

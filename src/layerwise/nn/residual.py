@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .norms import RMSNorm
+from .norms import RMSNorm, at_least_float32
 from .registry import Registry
 
 RESIDUALS: Registry[nn.Module] = Registry("residual scheme", "residual")
@@ -48,13 +48,13 @@ class DepthAttention(nn.Module):
     def weights(self, sources: torch.Tensor) -> torch.Tensor:
         """Depth-attention weights [S, B, T] for stacked sources [S, B, T, d], softmax over S in float32."""
         # Elementwise product + sum, not a matmul: autocast would run a matmul in bf16.
-        logits = (self.key_norm(sources).float() * self.query.float()).sum(-1)
+        logits = (at_least_float32(self.key_norm(sources)) * at_least_float32(self.query)).sum(-1)
         return logits.softmax(dim=0)
 
     def forward(self, sources: list[torch.Tensor]) -> torch.Tensor:
         v = torch.stack(sources)
         w = self.weights(v)
-        return (w.unsqueeze(-1) * v.float()).sum(0).to(v.dtype)
+        return (w.unsqueeze(-1) * at_least_float32(v)).sum(0).to(v.dtype)
 
 
 @RESIDUALS.register("standard")
