@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .attention import CausalSelfAttention
+from .hooks import HookPoint
 from .mlp import build_mlp
 from .norms import BHyT, approximate_mean_square, attention_output_gain, build_norm, lns_scale, mean_square
 from .placement import SublayerLayout, layer_layouts
@@ -15,7 +16,8 @@ class Sublayer(nn.Module):
     """One sublayer F with the norms its layout asks for.
 
     `branch(x)` = Norm_out(F(s * Norm_in(x))) is what the sublayer contributes (absent norms are identities,
-    s is the LNS depth scale); `forward(x)` applies the layout's residual update.
+    s is the LNS depth scale); `forward(x)` applies the layout's residual update. `hook_in` sees what the
+    sublayer reads (the stream, or the routed input under AttnRes), `hook_out` what it contributes.
     """
 
     def __init__(self, fn: nn.Module, layout: SublayerLayout, norm_in, norm_out, depth_scale: float = 1.0):
@@ -25,17 +27,21 @@ class Sublayer(nn.Module):
         self.fn = fn
         self.norm_out = norm_out if norm_out is not None else nn.Identity()
         self.depth_scale = depth_scale
+        self.hook_in = HookPoint()
+        self.hook_out = HookPoint()
+
+    def scaled(self, h):
+        return h * self.depth_scale if self.depth_scale != 1.0 else h
 
     def branch(self, x, ctx):
-        h = self.norm_in(x)
-        if self.depth_scale != 1.0:
-            h = h * self.depth_scale
-        return self.norm_out(self.fn(h, ctx))
+        x = self.hook_in(x)
+        return self.hook_out(self.norm_out(self.fn(self.scaled(self.norm_in(x)), ctx)))
 
     def forward(self, x, ctx):
         if self.layout.post_add:
+            x = self.hook_in(x)
             skip = x if self.layout.skip_weight == 1.0 else self.layout.skip_weight * x
-            return self.norm_out(skip + self.fn(x, ctx))
+            return self.norm_out(skip + self.hook_out(self.fn(x, ctx)))
         return x + self.branch(x, ctx)
 
 
@@ -90,12 +96,12 @@ class BHyTParallelLayer(Layer):
         self._ensure_gain(x.shape[1])
         attn, mlp = self.attn, self.mlp
         assert isinstance(attn.norm_in, BHyT) and isinstance(mlp.norm_in, BHyT)
+        x = attn.hook_in(x)
         ms = mean_square(x)
-        h = attn.norm_in(x, ms)
-        x = x + attn.fn(h * attn.depth_scale if attn.depth_scale != 1.0 else h, ctx)
+        x = x + attn.hook_out(attn.fn(attn.scaled(attn.norm_in(x, ms)), ctx))
         ms_hat = approximate_mean_square(ms, self.attn_gain, attn.norm_in.lam, attn.norm_in.kappa)
-        h = mlp.norm_in(x, ms_hat)
-        return x + mlp.fn(h * mlp.depth_scale if mlp.depth_scale != 1.0 else h, ctx)
+        x = mlp.hook_in(x)
+        return x + mlp.hook_out(mlp.fn(mlp.scaled(mlp.norm_in(x, ms_hat)), ctx))
 
 
 def build_layer(cfg, layer_idx: int) -> Layer:

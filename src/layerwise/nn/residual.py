@@ -13,6 +13,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .hooks import HookPoint
 from .norms import RMSNorm, at_least_float32
 from .registry import Registry
 
@@ -41,6 +42,7 @@ class DepthAttention(nn.Module):
         super().__init__()
         self.query = nn.Parameter(torch.zeros(dim))
         self.key_norm = RMSNorm(dim, eps=eps)
+        self.hook_weights = HookPoint()  # sees the [S, B, T] depth-attention weights
 
     def reset_parameters(self):
         nn.init.zeros_(self.query)
@@ -53,7 +55,7 @@ class DepthAttention(nn.Module):
 
     def forward(self, sources: list[torch.Tensor]) -> torch.Tensor:
         v = torch.stack(sources)
-        w = self.weights(v)
+        w = self.hook_weights(self.weights(v))
         return (w.unsqueeze(-1) * at_least_float32(v)).sum(0).to(v.dtype)
 
 
