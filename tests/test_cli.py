@@ -27,21 +27,35 @@ def test_presets_json_lists_every_preset_with_paper_and_parameters():
 def test_presets_table_and_help_render():
     assert "block-attnres" in runner.invoke(app, ["presets"]).output
     result = runner.invoke(app, ["--help"])
-    assert result.exit_code == 0 and "demo" in result.output and "presets" in result.output
+    assert result.exit_code == 0
+    assert all(command in result.output for command in ("presets", "train", "compare", "data"))
 
 
 def test_bad_input_exits_nonzero_with_one_line_reason():
-    proc = subprocess.run([sys.executable, "-m", "layerwise.cli", "demo", "--presets", "pre-ln,nope"],
+    proc = subprocess.run([sys.executable, "-m", "layerwise.cli", "compare", "--presets", "pre-ln,nope"],
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "unknown preset 'nope'" in proc.stdout and "Traceback" not in proc.stdout + proc.stderr
 
 
-def test_demo_trains_presets_on_shakespeare_and_prints_the_table():
-    result = runner.invoke(app, ["demo", "--presets", "pre-ln,block-attnres", "--steps", "6", "--batch", "4",
-                                 "--seq", "32"])
+def test_train_command_trains_from_a_yaml_config_with_overrides(tmp_path):
+    from layerwise.data.build import build_corpus
+
+    corpus = build_corpus(["shakespeare"], tmp_path / "data", vocab_size=300)
+    config = tmp_path / "train.yaml"
+    config.write_text(f"preset: peri-ln\nsize: tiny\ndata: {corpus}\nmax_tokens: 4k\nbatch_size: 4\nseq_len: 32\n"
+                      f"tensorboard: false\nout: {tmp_path / 'run'}\n")
+    result = runner.invoke(app, ["train", "--config", str(config), "--lr", "2e-3", "--set", "model.n_layers=2"])
     assert result.exit_code == 0, result.output
-    assert "Equal-budget comparison" in result.output and "block-attnres" in result.output
+    saved = (tmp_path / "run" / "train.yaml").read_text()
+    assert "lr: 0.002" in saved and "n_layers: 2" in saved
+    assert json.loads((tmp_path / "run" / "model_config.json").read_text())["n_layers"] == 2
+
+
+def test_data_build_command_writes_shards_and_manifest(tmp_path):
+    result = runner.invoke(app, ["data", "build", "--out", str(tmp_path / "c"), "--vocab-size", "300"])
+    assert result.exit_code == 0, result.output
+    assert {"train.bin", "val.bin", "tokenizer.json", "manifest.json"} <= {p.name for p in (tmp_path / "c").iterdir()}
 
 
 def test_bundled_corpus_is_the_42_shakespeare_works_as_bytes():

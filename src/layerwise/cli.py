@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
+from typing import Optional
 
 import torch
 import typer
@@ -17,7 +19,7 @@ app = typer.Typer(
 console = Console()
 _state = {"debug": False}
 
-DEMO_PRESETS = "pre-ln,pre-rmsnorm,lns,peri-ln,dyt,block-attnres,delta-attnres"
+README_PRESETS = "pre-ln,lns,peri-ln,block-attnres"
 
 
 @app.callback()
@@ -60,27 +62,109 @@ def presets(
     console.print(table)
 
 
+# Options shared by `train` and `compare`; None means "keep the YAML / TrainConfig default".
+_CONFIG = typer.Option(None, "--config", help="YAML file of TrainConfig fields.")
+_SIZE = typer.Option(None, help="Model size: tiny, 124m, 350m, 1b.")
+_DATA = typer.Option(None, help="Corpus folder, llm.c shards, text file/folder or datasets folder "
+                                "(default: embedded Shakespeare).")
+_MAX_TOKENS = typer.Option(None, "--max-tokens", help="Training budget, e.g. 2M.")
+_BATCH = typer.Option(None, "--batch-size", help="Global batch in sequences (fixed across world sizes).")
+_SEQ = typer.Option(None, "--seq-len", help="Tokens per sequence.")
+_LR = typer.Option(None, help="Peak learning rate.")
+_SCHEDULE = typer.Option(None, help="cosine | wsd | constant.")
+_COMPILE = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (GPU).")
+_SET = typer.Option(None, "--set", help="Extra overrides key=value, e.g. --set warmup=100 --set model.n_layers=6.")
+
+
+def _train_config(config, overrides: dict, sets):
+    from .train.config import TrainConfig, apply_overrides
+
+    given = {k: v for k, v in overrides.items() if v is not None}
+    cfg = TrainConfig.from_yaml(config, **given) if config else TrainConfig(**given)
+    return apply_overrides(cfg, sets or [])
+
+
 @app.command()
-def demo(
-    presets: str = typer.Option(DEMO_PRESETS, help="Comma-separated presets to compare."),
-    size: str = typer.Option("tiny", help="Model size (tiny trains on 2 CPU cores)."),
-    steps: int = typer.Option(200, help="Optimizer steps per preset (identical batches for all)."),
-    batch: int = typer.Option(16, help="Sequences per step."),
-    seq: int = typer.Option(128, help="Tokens (bytes) per sequence."),
-    lr: float = typer.Option(2e-3, help="Peak learning rate (warmup then cosine to 10%)."),
-    seed: int = typer.Option(0, help="Seed for init and data order."),
-    threads: int = typer.Option(0, help="CPU threads for torch (0: torch's default)."),
+def train(
+    config: Optional[Path] = _CONFIG,
+    preset: Optional[str] = typer.Option(None, help="Preset to train (`layerwise presets`)."),
+    size: Optional[str] = _SIZE, data: Optional[str] = _DATA, max_tokens: Optional[str] = _MAX_TOKENS,
+    out: Optional[str] = typer.Option(None, help="Run folder (metrics.jsonl, tensorboard/, checkpoints/)."),
+    batch_size: Optional[int] = _BATCH, seq_len: Optional[int] = _SEQ, lr: Optional[float] = _LR,
+    schedule: Optional[str] = _SCHEDULE, compile: Optional[bool] = _COMPILE,
+    resume: Optional[str] = typer.Option(None, help="none | auto (latest valid checkpoint) | a checkpoint folder."),
+    seed: Optional[int] = typer.Option(None, help="Seed for init and data order."),
+    sets: Optional[list[str]] = _SET,
 ):
-    """Train several presets for the same budget on the bundled Shakespeare text and compare them.
+    """Pretrain one model with per-layer depth telemetry; resumable; runs under torchrun for DDP.
 
-    Example: layerwise demo --presets pre-ln,lns,block-attnres --steps 100
+    Example: layerwise train --preset lns --size tiny --max-tokens 2M --out runs/lns
+    Multi-GPU: torchrun --standalone --nproc_per_node=8 -m layerwise.cli train --preset lns --size 124m ...
     """
-    from .train.demo import run_demo
+    from .train.trainer import train as run_training
 
-    if threads:
-        torch.set_num_threads(threads)
-    names = [p.strip() for p in presets.split(",") if p.strip()]
-    run_demo(names, size=size, steps=steps, batch=batch, seq=seq, lr=lr, seed=seed, console=console)
+    cfg = _train_config(config, dict(preset=preset, size=size, data=data, max_tokens=max_tokens, out=out,
+                                     batch_size=batch_size, seq_len=seq_len, lr=lr, schedule=schedule,
+                                     compile=compile, resume=resume, seed=seed), sets)
+    run_training(cfg, console)
+
+
+@app.command()
+def compare(
+    presets: str = typer.Option(README_PRESETS, help="Comma-separated presets, trained under one budget."),
+    seeds: str = typer.Option("0", help="Comma-separated seeds; mean +/- std over them is reported."),
+    out: str = typer.Option("runs/compare", help="Folder for the runs and the comparison report."),
+    config: Optional[Path] = _CONFIG, size: Optional[str] = _SIZE, data: Optional[str] = _DATA,
+    max_tokens: Optional[str] = _MAX_TOKENS, batch_size: Optional[int] = _BATCH, seq_len: Optional[int] = _SEQ,
+    lr: Optional[float] = _LR, schedule: Optional[str] = _SCHEDULE, compile: Optional[bool] = _COMPILE,
+    sets: Optional[list[str]] = _SET,
+):
+    """Train several presets with identical budget, batches and schedule; write a table (Markdown, JSON)
+    and plots (loss curves; hidden-state RMS and gradient norm vs depth).
+
+    Example: layerwise compare --presets pre-ln,lns,peri-ln,block-attnres --max-tokens 1M --out runs/cmp
+    """
+    from .train.compare import compare as run_compare
+
+    cfg = _train_config(config, dict(size=size, data=data, max_tokens=max_tokens, batch_size=batch_size,
+                                     seq_len=seq_len, lr=lr, schedule=schedule, compile=compile), sets)
+    run_compare([p.strip() for p in presets.split(",") if p.strip()],
+                [int(s) for s in seeds.split(",") if s.strip()], cfg, Path(out), console)
+
+
+data_app = typer.Typer(help="Build and inspect tokenized corpora.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("build")
+def data_build(
+    sources: str = typer.Option("shakespeare", help="Comma-separated sources: shakespeare (embedded), austen, "
+                                                    "kjv, python-docs, kernel-docs; or 'large' for all five."),
+    out: Path = typer.Option(Path("data/shakespeare"), help="Output folder."),
+    vocab_size: int = typer.Option(8192, help="BPE vocabulary to train (ignored with --tokenizer)."),
+    tokenizer: Optional[Path] = typer.Option(None, help="Use this tokenizer.json or HF tokenizer folder instead."),
+):
+    """Assemble sources into train/val token shards, a tokenizer and a manifest (sizes, sha256, licences).
+
+    Example: layerwise data build --sources large --out data/large --vocab-size 16384
+    The opt-in sources come from Debian packages: see scripts/install_corpus.sh.
+    """
+    from .data.build import build_corpus
+    from .data.sources import LARGE_CORPUS
+
+    names = LARGE_CORPUS if sources == "large" else [s.strip() for s in sources.split(",") if s.strip()]
+    with console.status(f"building {', '.join(names)} ..."):
+        folder = build_corpus(names, out, vocab_size=vocab_size, tokenizer_path=tokenizer)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    table = Table(title=f"corpus {folder}")
+    for column in ("source", "documents", "MB", "sha256", "licence"):
+        table.add_column(column)
+    for src in manifest["sources"]:
+        table.add_row(src["name"], str(src["documents"]), f"{src['bytes'] / 1e6:.1f}", src["sha256"][:12],
+                      src.get("licence", ""))
+    console.print(table)
+    console.print(f"tokens: {manifest['tokens']['train']:,} train / {manifest['tokens']['val']:,} val; vocab "
+                  f"{manifest['vocab_size']}; seconds {manifest['seconds']}; outputs in {folder}")
 
 
 def main() -> None:

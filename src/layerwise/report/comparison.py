@@ -1,0 +1,122 @@
+"""Comparison report for runs trained under one budget: Markdown + JSON table and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+from ..train.metrics import read_metrics
+
+
+def run_summary(run_dir: Path) -> dict:
+    """Final/best validation loss, throughput and the last depth telemetry of one run folder."""
+    records = read_metrics(run_dir)
+    vals = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
+    if not vals:
+        raise ValueError(f"{run_dir}/metrics.jsonl has no val_loss record; did the run finish?")
+    speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
+    telemetry = [r["telemetry"] for r in records if "telemetry" in r]
+    model_cfg = json.loads((Path(run_dir) / "model_config.json").read_text())
+    return {
+        "run": str(run_dir), "final_val_loss": vals[-1][1], "best_val_loss": min(v for _, v in vals),
+        "tokens": vals[-1][0], "tokens_per_s": statistics.median(speeds) if speeds else None,
+        "val_curve": vals, "train_curve": [(r["tokens"], r["train_loss"]) for r in records if "train_loss" in r],
+        "telemetry": telemetry[-1] if telemetry else None, "preset": model_cfg.get("preset"),
+    }
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(runs: dict[str, list[dict]], params: dict[str, int]) -> list[dict]:
+    """One row per variant: mean and std over seeds, sorted by final validation loss."""
+    rows = []
+    for name, summaries in runs.items():
+        final_mean, final_std = _mean_std([s["final_val_loss"] for s in summaries])
+        best_mean, _ = _mean_std([s["best_val_loss"] for s in summaries])
+        speeds = [s["tokens_per_s"] for s in summaries if s["tokens_per_s"]]
+        rows.append({"preset": name, "seeds": len(summaries), "params": params[name],
+                     "final_val_loss": final_mean, "final_val_loss_std": final_std, "best_val_loss": best_mean,
+                     "val_ppl": math.exp(final_mean), "tokens": summaries[0]["tokens"],
+                     "tokens_per_s": statistics.fmean(speeds) if speeds else None})
+    return sorted(rows, key=lambda r: r["final_val_loss"])
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| preset | params | final val loss | best val loss | val ppl | tokens | tokens/s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        spread = f" ± {r['final_val_loss_std']:.4f}" if r["seeds"] > 1 else ""
+        speed = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-"
+        lines.append(f"| {r['preset']} | {r['params'] / 1e6:.2f}M | {r['final_val_loss']:.4f}{spread} | "
+                     f"{r['best_val_loss']:.4f} | {r['val_ppl']:.2f} | {r['tokens']:,} | {speed} |")
+    return "\n".join(lines)
+
+
+def plot_loss_curves(runs: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, summaries in runs.items():
+        first = summaries[0]
+        line = ax_val.plot(*zip(*first["val_curve"]), marker="o", ms=3, label=name)[0]
+        tokens, losses = zip(*first["train_curve"])
+        window = max(1, len(losses) // 50)
+        smooth = [statistics.fmean(losses[max(0, i - window + 1): i + 1]) for i in range(len(losses))]
+        ax_train.plot(tokens, smooth, color=line.get_color(), label=name)
+    for ax, title in ((ax_train, "train loss (smoothed)"), (ax_val, "validation loss")):
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("loss (nats/token)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    ax_val.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_depth_profile(runs: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("hidden_rms", "hidden-state RMS at layer boundary (L = final-norm input)", "boundary", True),
+              ("grad_norm_layers", "gradient norm per layer", "layer", True),
+              ("mlp_ratio", "MLP output / input norm", "layer", True)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(15, 4.2))
+    for ax, (key, title, xlabel, log) in zip(axes, panels):
+        for name, summaries in runs.items():
+            telemetry = summaries[0]["telemetry"]
+            if telemetry and key in telemetry:
+                ax.plot(range(len(telemetry[key])), telemetry[key], marker="o", ms=3, label=name)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel)
+        if log:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_comparison(out: Path, runs: dict[str, list[dict]], params: dict[str, int], header: str = "") -> dict:
+    rows = aggregate(runs, params)
+    table = markdown_table(rows)
+    (out / "comparison.md").write_text(f"# Comparison\n\n{header}\n\n{table}\n\n"
+                                       "![loss curves](loss_curves.png)\n\n![depth profile](depth_profile.png)\n")
+    payload = {"rows": rows, "runs": {k: [{x: s[x] for x in ("run", "final_val_loss", "best_val_loss",
+                                                             "tokens_per_s", "telemetry")} for s in v]
+                                      for k, v in runs.items()}}
+    (out / "comparison.json").write_text(json.dumps(payload, indent=1))
+    plot_loss_curves(runs, out / "loss_curves.png")
+    plot_depth_profile(runs, out / "depth_profile.png")
+    return {"rows": rows, "table": table, "files": [out / n for n in ("comparison.md", "comparison.json",
+                                                                         "loss_curves.png", "depth_profile.png")]}

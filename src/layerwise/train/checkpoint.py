@@ -1,0 +1,182 @@
+"""Checkpoints that survive a kill at any moment and never need unpickling.
+
+A checkpoint is a folder `checkpoints/step_XXXXXXX/` holding
+  model.safetensors + config.json   the model, loadable by AutoModelForCausalLM.from_pretrained
+  optimizer.safetensors             AdamW moments and step counts, keyed by parameter name
+  rng.safetensors                   torch RNG states
+  trainer_state.json                step, tokens, counters, optimizer hyperparameters, the train config
+  MANIFEST.json                     sha256 and size of every file above, written last
+It is written into a temporary folder and renamed into place, so a folder with a valid MANIFEST is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+MANIFEST = "MANIFEST.json"
+PREFIX = "step_"
+
+
+class CorruptCheckpoint(ValueError):
+    pass
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _full_state_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def gather_state(model, optimizer) -> tuple[dict, dict, list]:
+    """Full (unsharded) model weights, optimizer tensors keyed "<param name>/<key>" and JSON-able param
+    groups, via torch.distributed.checkpoint's state-dict API, which handles plain, DDP and FSDP2 models
+    alike. Under FSDP2 every process must call this (it gathers shards)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    weights = get_model_state_dict(model, options=_full_state_options())
+    optim_state = get_optimizer_state_dict(model, optimizer, options=_full_state_options())
+    if "state" not in optim_state:  # with cpu_offload only rank 0 receives the full state
+        return weights, {}, []
+    tensors = {}
+    for name, entry in optim_state["state"].items():
+        for key, value in entry.items():
+            tensors[f"{name}/{key}"] = (value if torch.is_tensor(value) else torch.tensor(value)).detach().cpu()
+    return weights, tensors, optim_state["param_groups"]
+
+
+def restore_state(model, optimizer, weights: dict, tensors: dict, groups: list) -> None:
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    set_model_state_dict(model, weights, options=_full_state_options())
+    state: dict[str, dict] = {}
+    for key, value in tensors.items():
+        name, field = key.rsplit("/", 1)
+        state.setdefault(name, {})[field] = value
+    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups},
+                             options=_full_state_options())
+
+
+def save_checkpoint(root: Path, step: int, model, optimizer, trainer_state: dict, keep: int,
+                    is_main: bool = True) -> Path | None:
+    """Write checkpoint `step` atomically under root/checkpoints and prune to the newest `keep`.
+    Every process calls it; only the main process writes."""
+    weights, opt_tensors, groups = gather_state(model, optimizer)
+    if not is_main:
+        return None
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"refusing to write a checkpoint with non-finite values in {name}")
+    ckpt_dir = root / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = ckpt_dir / f"{PREFIX}{step:07d}"
+    tmp = ckpt_dir / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a bar per checkpoint would drown the training progress
+    model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+    save_file({k: v.contiguous() for k, v in opt_tensors.items()}, tmp / "optimizer.safetensors")
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, tmp / "rng.safetensors")
+    (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "optimizer_groups": groups}, indent=1))
+    files = {}
+    for path in sorted(tmp.iterdir()):
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
+    with open(tmp / MANIFEST, "rb") as f:
+        os.fsync(f.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(ckpt_dir)
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint folders under root/checkpoints, oldest first (temporary folders are ignored)."""
+    ckpt_dir = Path(root) / "checkpoints"
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """The manifest of a complete, uncorrupted checkpoint; CorruptCheckpoint saying what is wrong otherwise."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.exists():
+        raise CorruptCheckpoint(f"{path}: no {MANIFEST} (the write did not finish)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CorruptCheckpoint(f"{manifest_path}: unreadable ({err})") from None
+    for name, expected in manifest["files"].items():
+        file = path / name
+        if not file.exists():
+            raise CorruptCheckpoint(f"{file}: missing")
+        if file.stat().st_size != expected["bytes"]:
+            raise CorruptCheckpoint(f"{file}: {file.stat().st_size} bytes, expected {expected['bytes']} (truncated?)")
+        if _sha256(file) != expected["sha256"]:
+            raise CorruptCheckpoint(f"{file}: sha256 mismatch (corrupted)")
+    return manifest
+
+
+def latest_valid_checkpoint(root: Path) -> Path | None:
+    """The newest checkpoint that verifies; corrupt ones are reported and skipped."""
+    for path in reversed(list_checkpoints(root)):
+        try:
+            verify_checkpoint(path)
+            return path
+        except CorruptCheckpoint as err:
+            warnings.warn(f"skipping corrupt checkpoint: {err}; trying the previous one", stacklevel=2)
+    return None
+
+
+def load_checkpoint(path: Path, model, optimizer) -> dict:
+    """Restore model, optimizer and RNG from a verified checkpoint; returns the trainer state."""
+    verify_checkpoint(path)
+    weights = load_file(path / "model.safetensors")
+    if model.config.tie_word_embeddings:
+        weights.setdefault("lm_head.weight", weights["model.embed_tokens.weight"])
+    expected = set(model.state_dict())
+    if set(weights) != expected:
+        raise CorruptCheckpoint(f"{path}: weights do not match the model (missing {sorted(expected - set(weights))}, "
+                                f"unexpected {sorted(set(weights) - expected)})")
+    state = json.loads((path / "trainer_state.json").read_text())
+    restore_state(model, optimizer, weights, load_file(path / "optimizer.safetensors"), state["optimizer_groups"])
+    rng = load_file(path / "rng.safetensors")
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return state

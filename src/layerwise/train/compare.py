@@ -1,0 +1,40 @@
+"""`layerwise compare`: train several presets under an identical budget, then write the comparison."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from rich.console import Console
+
+from ..report.comparison import run_summary, write_comparison
+from .config import TrainConfig
+from .trainer import train
+
+
+def compare(presets: list[str], seeds: list[int], base: TrainConfig, out: Path,
+            console: Console | None = None) -> dict:
+    """Runs go to out/<preset>-seed<k>; everything but the preset (and seed) is identical, including the
+    batches (they depend only on seed and step). Runs already finished are reused via resume=auto."""
+    from ..config import ModelConfig
+
+    console = console or Console()
+    for name in presets:
+        ModelConfig.from_preset(name, base.size)  # fail before training anything
+    out.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, list[dict]] = {}
+    params: dict[str, int] = {}
+    for name in presets:
+        for seed in seeds:
+            cfg = replace(base, preset=name, seed=seed, out=str(out / f"{name}-seed{seed}"), resume="auto")
+            console.rule(f"{name} (seed {seed})")
+            result = train(cfg, console)
+            params[name] = result["params"]
+            runs.setdefault(name, []).append(run_summary(Path(cfg.out)))
+    header = (f"Budget per run: {base.max_tokens:,} tokens ({base.total_steps} steps x {base.batch_size} x "
+              f"{base.seq_len}), size {base.size}, lr {base.lr} ({base.schedule}), seeds {seeds}, "
+              f"data {base.data or 'embedded Shakespeare'}.")
+    report = write_comparison(out, runs, params, header)
+    console.print(report["table"])
+    console.print("outputs: " + ", ".join(str(p) for p in report["files"]))
+    return report

@@ -1,0 +1,160 @@
+"""`TrainConfig`: everything a training run needs besides the model config, from YAML and CLI overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
+def parse_count(value: int | float | str) -> int:
+    """'2M' -> 2_000_000, '500k' -> 500_000, '1.5B' -> 1_500_000_000; plain numbers pass through."""
+    if isinstance(value, (int, float)):
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMbBgG]?)\s*", value)
+    if not match:
+        raise ValueError(f"cannot read {value!r} as a count; use e.g. 2000000, 500k, 2M or 1.5B")
+    scale = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}[match.group(2).lower()]
+    return int(float(match.group(1)) * scale)
+
+
+@dataclass
+class TrainConfig:
+    # Model: a preset at a size, plus ModelConfig field overrides (or a model YAML for ModelConfig.from_yaml).
+    preset: str = "pre-rmsnorm"
+    size: str = "tiny"
+    model: dict[str, Any] = field(default_factory=dict)
+    model_config: str | None = None
+    # Data: a built corpus folder, llm.c shards, a text file/folder or a datasets folder; None = Shakespeare.
+    data: str | None = None
+    vocab_size: int = 4096  # BPE vocabulary when layerwise builds the default corpus
+    out: str = "runs/run"
+    # Budget and batch: the global batch stays fixed across world sizes (accumulation absorbs the rest).
+    max_tokens: int = 2_000_000
+    batch_size: int = 16  # sequences per optimizer step, over all processes
+    micro_batch_size: int | None = None  # sequences per forward per process; None = batch_size / world size
+    seq_len: int = 256
+    # Optimizer and schedule
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: float = 0.05  # a fraction of the steps if < 1, else a step count
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
+    decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly to min_lr
+    weight_decay: float = 0.1
+    decay_all: bool = False  # also decay norms, biases, embeddings and AttnRes pseudo-queries
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    # Evaluation, telemetry, checkpoints
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 16
+    telemetry_every: int = 50
+    ckpt_every: int = 200
+    keep_checkpoints: int = 2
+    resume: str = "none"  # none | auto | a checkpoint folder
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    # Execution
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bf16 autocast on GPU, float32 on CPU) | float32 | bfloat16
+    compile: bool = False
+    fsdp: bool = False  # FSDP2 instead of DDP when launched with torchrun
+    tensorboard: bool = True
+    threads: int = 0  # CPU threads for torch; 0 = torch's default
+
+    def __post_init__(self):
+        self.max_tokens = parse_count(self.max_tokens)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            # YAML 1.1 reads "3e-4" as a string; accept it wherever the field is a float.
+            if isinstance(f.default, float) and isinstance(value, (str, int)) and not isinstance(value, bool):
+                try:
+                    setattr(self, f.name, float(value))
+                except ValueError:
+                    raise ValueError(f"TrainConfig.{f.name}={value!r} is not a number") from None
+        self.validate()
+
+    def validate(self) -> None:
+        def fail(name, why):
+            raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} {why}")
+
+        for name in ("max_tokens", "batch_size", "seq_len", "eval_batches", "log_every", "eval_every",
+                     "telemetry_every", "ckpt_every", "keep_checkpoints", "max_bad_steps", "vocab_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                fail(name, "must be a positive integer")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            fail("micro_batch_size", "must be a positive integer or None")
+        if not self.lr > 0:
+            fail("lr", "must be > 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            fail("min_lr_ratio", "must lie in [0, 1]")
+        if self.schedule not in SCHEDULES:
+            fail("schedule", f"is not one of {', '.join(SCHEDULES)}")
+        if not 0 < self.decay_fraction <= 1:
+            fail("decay_fraction", "must lie in (0, 1]")
+        if self.warmup < 0:
+            fail("warmup", "must be >= 0")
+        if self.device not in ("auto", "cpu", "cuda"):
+            fail("device", "is not one of auto, cpu, cuda")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            fail("dtype", "is not one of auto, float32, bfloat16")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+    @property
+    def total_steps(self) -> int:
+        return -(-self.max_tokens // self.tokens_per_step)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - valid)
+        if unknown:
+            raise ValueError(f"TrainConfig got unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of TrainConfig fields")
+        return cls.from_dict({**data, **overrides})
+
+    def save_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _scalar(raw: str):
+    value = yaml.safe_load(raw)
+    if isinstance(value, str) and re.fullmatch(r"[-+]?[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?", value):
+        return float(value)  # YAML 1.1 leaves 3e-4 a string
+    return value
+
+
+def apply_overrides(cfg: TrainConfig, assignments: list[str]) -> TrainConfig:
+    """`key=value` overrides, YAML-typed; `model.<field>=value` sets a ModelConfig field."""
+    data = cfg.to_dict()
+    for item in assignments:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value (e.g. lr=3e-4 or model.n_layers=6)")
+        key, raw = item.split("=", 1)
+        value = _scalar(raw)
+        if key.startswith("model."):
+            data["model"] = {**data["model"], key[len("model."):]: value}
+        else:
+            data[key] = value
+    return TrainConfig.from_dict(data)

@@ -1,0 +1,305 @@
+"""`layerwise train`: resumable pretraining with per-layer depth telemetry, single process or torchrun."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ..config import ModelConfig
+from ..model import LayerwiseForCausalLM
+from . import distributed as dist_infra
+from .checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint, verify_checkpoint
+from .config import TrainConfig
+from .metrics import MetricsLog
+from .optim import build_optimizer, lr_at
+from .telemetry import layer_grad_norms, measure_depth
+
+# Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment, most specific first (torchtitan's table).
+PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+              ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("A10", 125e12)]
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for fragment, peak in PEAK_FLOPS if fragment in name), None)
+
+
+def flops_per_token(model_cfg: ModelConfig, n_params: int, seq_len: int) -> float:
+    """6 N for the matmuls of forward + backward, plus attention scores (nanoGPT / PaLM appendix B)."""
+    return 6 * n_params + 12 * model_cfg.n_layers * model_cfg.d_model * seq_len
+
+
+def default_corpus_dir(vocab_size: int) -> Path:
+    return Path.home() / ".cache" / "layerwise" / f"shakespeare-bpe{vocab_size}"
+
+
+def open_data(cfg: TrainConfig, console: Console):
+    from ..data.build import build_corpus, open_token_data
+
+    if cfg.data is not None:
+        return open_token_data(cfg.data)
+    path = default_corpus_dir(cfg.vocab_size)
+    if not (path / "manifest.json").exists():
+        console.print(f"building the embedded Shakespeare corpus (BPE {cfg.vocab_size}) in {path}")
+        build_corpus(["shakespeare"], path, vocab_size=cfg.vocab_size)
+    return open_token_data(path)
+
+
+def build_model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
+    overrides = dict(cfg.model)
+    overrides.setdefault("vocab_size", 64 * -(-vocab_size // 64))  # padded: faster matmuls
+    if overrides["vocab_size"] < vocab_size:
+        raise ValueError(f"model vocab_size={overrides['vocab_size']} is smaller than the data's {vocab_size} tokens")
+    overrides.setdefault("max_seq_len", max(cfg.seq_len, 256))
+    if cfg.model_config:
+        base = ModelConfig.from_yaml(cfg.model_config).to_dict()
+        return ModelConfig.from_dict({**base, **overrides})
+    return ModelConfig.from_preset(cfg.preset, cfg.size, **overrides)
+
+
+def windows(tokens, starts: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets for windows starting at `starts`."""
+    chunk = np.stack([np.asarray(tokens[s: s + seq_len + 1], dtype=np.int64) for s in starts.tolist()])
+    chunk = torch.from_numpy(chunk)
+    return chunk[:, :-1], chunk[:, 1:]
+
+
+def step_starts(step: int, cfg: TrainConfig, n_tokens: int) -> torch.Tensor:
+    """The global batch of step `step`: a function of (seed, step) only, so resuming needs no data state
+    and every world size sees the same batch."""
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    return torch.randint(0, n_tokens - cfg.seq_len - 1, (cfg.batch_size,), generator=generator)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, console: Console | None = None):
+        self.cfg = cfg
+        self.console = console or Console()
+        self.rt = dist_infra.setup(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        per_rank, rem = divmod(cfg.batch_size, self.rt.world_size)
+        if rem:
+            raise ValueError(f"TrainConfig.batch_size={cfg.batch_size} is not divisible by the {self.rt.world_size} "
+                             "processes; the global batch must split evenly")
+        self.micro = cfg.micro_batch_size or per_rank
+        if per_rank % self.micro:
+            raise ValueError(f"TrainConfig.micro_batch_size={self.micro} must divide the {per_rank} sequences "
+                             "each process handles per step")
+        self.accum = per_rank // self.micro
+        self.run_dir = Path(cfg.out)
+        self.use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and self.rt.device.type == "cuda")
+
+    def autocast(self):
+        if self.use_bf16:
+            return torch.autocast(self.rt.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    # ---- the run ------------------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        cfg, rt, console = self.cfg, self.rt, self.console
+        torch.manual_seed(cfg.seed)
+        data = open_data(cfg, console)
+        for split, tokens in (("train", data.train), ("validation", data.val)):
+            if len(tokens) < cfg.seq_len + 2:
+                raise ValueError(f"the {split} split has {len(tokens)} tokens, fewer than seq_len={cfg.seq_len} + 2")
+        model_cfg = build_model_config(cfg, data.vocab_size)
+        model = LayerwiseForCausalLM(model_cfg).to(rt.device)
+        n_params = sum(p.numel() for p in model.parameters())
+        # FSDP2 shards parameters in place, so the optimizer is built after wrapping.
+        wrapped = dist_infra.wrap(model, rt, cfg.fsdp)
+        optimizer = build_optimizer(model, cfg, rt.device)
+
+        start_step, resume_from = 0, self._resume_path()
+        if resume_from is not None:
+            state = load_checkpoint(resume_from, model, optimizer)
+            start_step = state["step"]
+            self.bad_total = state["bad_steps_total"]
+            if rt.is_main:
+                console.print(f"resumed from {resume_from} at step {start_step}")
+        else:
+            self.bad_total = 0
+        if rt.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save_yaml(self.run_dir / "train.yaml")
+            model_cfg.to_json_file(self.run_dir / "model_config.json")
+        dist_infra.barrier(rt)
+        log = MetricsLog(self.run_dir, start_step if resume_from else None, cfg.tensorboard) if rt.is_main else None
+
+        forward = torch.compile(wrapped) if cfg.compile else wrapped
+        total = cfg.total_steps
+        peak = peak_flops(rt.device)
+        fpt = flops_per_token(model_cfg, n_params, cfg.seq_len)
+        if rt.is_main:
+            console.print(f"{model_cfg.preset or 'model'} ({n_params / 1e6:.2f}M params) on {rt.device} x{rt.world_size}; "
+                          f"{total} steps x {cfg.tokens_per_step:,} tokens = {total * cfg.tokens_per_step:,} tokens; "
+                          f"data {data.vocab_size} vocab, {len(data.train):,} train tokens")
+            if rt.device.type == "cuda" and peak is None:
+                console.print(f"[yellow]unknown peak FLOP/s for {torch.cuda.get_device_name()}: MFU not reported")
+
+        consecutive_bad, last_val = 0, None
+        t_last, tokens_last = time.perf_counter(), start_step * cfg.tokens_per_step
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), console=console,
+                            disable=not rt.is_main)
+        if start_step == 0:  # the untrained model's loss anchors every curve
+            last_val = self._evaluate(forward, data)
+            if rt.is_main:
+                log.write({"step": 0, "tokens": 0, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50))})
+        with progress:
+            task = progress.add_task("train", total=total, completed=start_step, stats="")
+            for step in range(start_step, total):
+                lr = lr_at(step, cfg, total)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss, grad_norm, first_x = self._train_step(step, forward, wrapped, model, optimizer, data)
+                tokens = (step + 1) * cfg.tokens_per_step
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    consecutive_bad += 1
+                    self.bad_total += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    if rt.is_main:
+                        console.print(f"[yellow]step {step}: non-finite loss or gradient; step skipped "
+                                      f"({consecutive_bad} in a row)")
+                        log.write({"step": step + 1, "tokens": tokens, "skipped_nonfinite": True})
+                    if consecutive_bad >= cfg.max_bad_steps:
+                        raise TrainingDiverged(
+                            f"{consecutive_bad} consecutive steps had non-finite loss or gradients (at step {step}); "
+                            f"stopping. The last good checkpoint is kept; lower TrainConfig.lr={cfg.lr} or raise "
+                            "max_bad_steps")
+                    continue
+                consecutive_bad = 0
+                telemetry = None
+                if (step + 1) % cfg.telemetry_every == 0 or step + 1 == total:
+                    telemetry = {"grad_norm_layers": layer_grad_norms(wrapped)}
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if telemetry is not None and not cfg.fsdp:
+                    telemetry.update(measure_depth(model, first_x[:4], self.autocast()))
+                record = {"step": step + 1, "tokens": tokens}
+                if rt.is_main and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
+                    now = time.perf_counter()
+                    tok_s = (tokens - tokens_last) / (now - t_last)
+                    t_last, tokens_last = now, tokens
+                    mfu = tok_s * fpt / (peak * rt.world_size) if peak else None
+                    log.write({**record, "train_loss": loss, "lr": lr, "grad_norm": grad_norm,
+                               "tokens_per_s": tok_s, **({"mfu": mfu} if mfu is not None else {})})
+                    stats = f"loss {loss:.3f}  {tok_s:,.0f} tok/s" + (f"  MFU {mfu:.1%}" if mfu else "")
+                    progress.update(task, completed=step + 1, stats=stats)
+                if (step + 1) % cfg.eval_every == 0 or step + 1 == total:
+                    last_val = self._evaluate(forward, data)
+                    if rt.is_main:
+                        log.write({**record, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50))})
+                if telemetry is not None and rt.is_main:
+                    log.write({**record, "telemetry": telemetry})
+                if (step + 1) % cfg.ckpt_every == 0 or step + 1 == total:
+                    self._checkpoint(step + 1, model, optimizer)
+        if rt.is_main:
+            log.close()
+            console.print(f"done: {total} steps, val loss {last_val:.4f}; run folder {self.run_dir} "
+                          f"(metrics.jsonl, tensorboard/, checkpoints/)")
+        dist_infra.barrier(rt)
+        return {"val_loss": last_val, "params": n_params, "steps": total, "bad_steps": self.bad_total}
+
+    # ---- pieces ----------------------------------------------------------------------------------------------
+
+    def _resume_path(self) -> Path | None:
+        cfg = self.cfg
+        if cfg.resume == "none":
+            return None
+        if cfg.resume == "auto":
+            path = latest_valid_checkpoint(self.run_dir)
+            if path is None and self.rt.is_main:
+                self.console.print(f"no valid checkpoint in {self.run_dir}/checkpoints; starting fresh")
+            return path
+        path = Path(cfg.resume)
+        verify_checkpoint(path)
+        return path
+
+    def _train_step(self, step, forward, wrapped, model, optimizer, data):
+        cfg, rt = self.cfg, self.rt
+        starts = step_starts(step, cfg, len(data.train))
+        per_rank = cfg.batch_size // rt.world_size
+        mine = starts[rt.rank * per_rank:(rt.rank + 1) * per_rank]
+        loss_sum = torch.zeros((), device=rt.device)
+        first_x = None
+        for m in range(self.accum):
+            x, y = windows(data.train, mine[m * self.micro:(m + 1) * self.micro], cfg.seq_len)
+            x = x.to(rt.device, non_blocking=True)
+            y = y.to(rt.device, non_blocking=True)
+            first_x = x if first_x is None else first_x
+            last = m == self.accum - 1
+            if cfg.fsdp and rt.distributed:
+                wrapped.set_requires_gradient_sync(last)
+                sync = nullcontext()
+            else:
+                sync = wrapped.no_sync() if rt.distributed and not last else nullcontext()
+            with sync, self.autocast():
+                logits = forward(input_ids=x).logits
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()) / self.accum
+            loss.backward()
+            loss_sum += loss.detach()
+        loss_mean = dist_infra.mean_over_processes(loss_sum, rt)
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+            grad_norm = grad_norm.full_tensor()
+        return loss_mean.item(), grad_norm.item(), first_x
+
+    @torch.no_grad()
+    def _evaluate(self, forward, data) -> float:
+        cfg, rt = self.cfg, self.rt
+        n_windows = min(cfg.eval_batches * cfg.batch_size, (len(data.val) - 1) // cfg.seq_len)
+        n_windows -= n_windows % rt.world_size
+        starts = torch.arange(n_windows) * cfg.seq_len  # fixed, non-overlapping held-out windows
+        mine = starts[rt.rank::rt.world_size]
+        total = torch.zeros((), device=rt.device)
+        model = getattr(forward, "module", forward)
+        was_training = model.training
+        model.eval()
+        for i in range(0, len(mine), self.micro):
+            x, y = windows(data.val, mine[i:i + self.micro], cfg.seq_len)
+            x, y = x.to(rt.device), y.to(rt.device)
+            with self.autocast():
+                logits = forward(input_ids=x).logits
+            total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum") / cfg.seq_len
+        model.train(was_training)
+        return (dist_infra.mean_over_processes(total, rt) / len(mine)).item()
+
+    def _checkpoint(self, step, model, optimizer):
+        state = {"step": step, "tokens": step * self.cfg.tokens_per_step, "bad_steps_total": self.bad_total,
+                 "train_config": self.cfg.to_dict()}
+        save_checkpoint(self.run_dir, step, model, optimizer, state, self.cfg.keep_checkpoints, self.rt.is_main)
+        dist_infra.barrier(self.rt)
+
+
+def train(cfg: TrainConfig, console: Console | None = None) -> dict:
+    try:
+        return Trainer(cfg, console).run()
+    finally:
+        dist_infra.teardown()
+
+
+def summarize_run(run_dir: Path) -> dict:
+    from .metrics import read_metrics
+
+    records = read_metrics(run_dir)
+    vals = [r["val_loss"] for r in records if "val_loss" in r]
+    return {"final_val_loss": vals[-1] if vals else None, "best_val_loss": min(vals) if vals else None,
+            "records": len(records), "config": json.loads((Path(run_dir) / "model_config.json").read_text())}

@@ -1,0 +1,202 @@
+"""The trainer on real text: learning, metrics, telemetry, exact resume after SIGKILL, corrupt checkpoints,
+non-finite steps, and torchrun DDP matching a single process."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from layerwise.data.build import build_corpus
+from layerwise.train.checkpoint import CorruptCheckpoint, latest_valid_checkpoint, list_checkpoints, verify_checkpoint
+from layerwise.train.config import TrainConfig, apply_overrides, parse_count
+from layerwise.train.optim import lr_at, param_groups
+from layerwise.train.trainer import TrainingDiverged, Trainer, train
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """The embedded Shakespeare corpus with a small BPE, built once for the session."""
+    return build_corpus(["shakespeare"], tmp_path_factory.mktemp("data") / "shakespeare", vocab_size=512)
+
+
+def small(corpus, out, **overrides) -> TrainConfig:
+    base = dict(preset="pre-rmsnorm", size="tiny", data=str(corpus), out=str(out), max_tokens=24 * 8 * 64,
+                batch_size=8, seq_len=64, lr=3e-3, warmup=2, eval_every=12, eval_batches=4, telemetry_every=12,
+                ckpt_every=12, log_every=1, tensorboard=False)
+    return TrainConfig(**{**base, **overrides})
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["train_loss"] for r in records(run) if "train_loss" in r}
+
+
+@pytest.mark.parametrize("preset", ["pre-ln", "block-attnres"])
+def test_training_lowers_validation_loss_and_logs_metrics_and_telemetry(corpus, tmp_path, preset):
+    result = train(small(corpus, tmp_path, preset=preset))
+    recs = records(tmp_path)
+    vals = [r["val_loss"] for r in recs if "val_loss" in r]
+    assert len(vals) == 3 and vals[-1] < vals[0] - 0.8, vals  # step 0, 12, 24
+    assert all({"step", "tokens"} <= set(r) for r in recs)
+    assert recs[-1]["tokens"] == 24 * 8 * 64 and result["steps"] == 24
+    telemetry = [r["telemetry"] for r in recs if "telemetry" in r][-1]
+    n_layers = 4
+    assert len(telemetry["grad_norm_layers"]) == n_layers and len(telemetry["hidden_rms"]) == n_layers + 1
+    assert len(telemetry["attn_ratio"]) == n_layers and all(v > 0 for v in telemetry["mlp_ratio"])
+    if preset == "block-attnres":
+        weights = telemetry["depth_weights"]
+        assert len(weights) == 2 * n_layers + 1
+        assert all(abs(sum(w) - 1) < 1e-4 for w in weights.values())  # mean weights over tokens sum to 1
+    else:
+        assert "depth_weights" not in telemetry
+    model_dir = list_checkpoints(tmp_path)[-1]
+    from transformers import AutoModelForCausalLM
+    assert AutoModelForCausalLM.from_pretrained(model_dir).config.preset == preset
+
+
+def test_telemetry_hidden_rms_is_the_residual_stream_rms_for_pre_ln(corpus, tmp_path):
+    from layerwise import LayerwiseForCausalLM, ModelConfig
+    from layerwise.train.telemetry import measure_depth
+    from contextlib import nullcontext
+
+    model = LayerwiseForCausalLM(ModelConfig.from_preset("pre-rmsnorm", "tiny", vocab_size=512))
+    ids = torch.randint(0, 512, (2, 16))
+    rec = measure_depth(model, ids, nullcontext())
+    h = model.model.embed_tokens(ids)
+    expected = []
+    from layerwise.nn.attention import ForwardContext, rope_cos_sin
+    ctx = ForwardContext(rope=rope_cos_sin(torch.arange(16)[None], 32, 10000.0))
+    for layer in model.model.layers:
+        expected.append(h.pow(2).mean().sqrt().item())
+        h = layer(h, ctx)
+    expected.append(h.pow(2).mean().sqrt().item())
+    assert rec["hidden_rms"] == pytest.approx(expected, rel=1e-5)
+
+
+def _cli(*args) -> list[str]:
+    return [sys.executable, "-m", "layerwise.cli", "train", *args]
+
+
+def _cli_args(corpus, out, *extra):
+    return ["--preset", "lns", "--size", "tiny", "--data", str(corpus), "--out", str(out), "--max-tokens", "20480",
+            "--batch-size", "8", "--seq-len", "64", "--lr", "3e-3", "--set", "ckpt_every=5", "--set", "log_every=1",
+            "--set", "eval_every=20", "--set", "tensorboard=false", "--set", "threads=1", *extra]
+
+
+def test_sigkill_then_resume_auto_reproduces_the_uninterrupted_losses(corpus, tmp_path):
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    subprocess.run(_cli(*_cli_args(corpus, reference)), check=True, capture_output=True)
+    proc = subprocess.Popen(_cli(*_cli_args(corpus, killed)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "step_0000015" / "MANIFEST.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = max(train_losses(killed))
+    assert killed_at < 40, "the kill must land mid-run"
+    resumed = subprocess.run(_cli(*_cli_args(corpus, killed, "--resume", "auto")), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed from" in resumed.stdout
+    expected, got = train_losses(reference), train_losses(killed)
+    assert sorted(got) == sorted(expected) == list(range(1, 41))
+    assert got == expected  # bit-identical on CPU, before and after the kill
+
+
+def test_corrupt_latest_checkpoint_is_reported_and_the_previous_one_used(corpus, tmp_path):
+    train(small(corpus, tmp_path, ckpt_every=6, keep_checkpoints=3, max_tokens=12 * 8 * 64))
+    first, second = list_checkpoints(tmp_path)[-2:]
+    weights = second / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated
+    with pytest.raises(CorruptCheckpoint, match="model.safetensors.*truncated"):
+        verify_checkpoint(second)
+    with pytest.warns(UserWarning, match="skipping corrupt checkpoint"):
+        assert latest_valid_checkpoint(tmp_path) == first
+    (first / "MANIFEST.json").unlink()  # an interrupted write
+    with pytest.raises(CorruptCheckpoint, match="did not finish"):
+        verify_checkpoint(first)
+
+
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run_without_a_nan_checkpoint(corpus, tmp_path,
+                                                                                        monkeypatch):
+    original = Trainer._train_step
+    calls = {"n": 0}
+
+    def flaky(self, step, *args):
+        loss, grad_norm, x = original(self, step, *args)
+        calls["n"] += 1
+        return (float("nan") if step == 3 else loss), grad_norm, x
+
+    monkeypatch.setattr(Trainer, "_train_step", flaky)
+    result = train(small(corpus, tmp_path / "one-bad", max_tokens=8 * 8 * 64))
+    assert result["bad_steps"] == 1
+    assert any(r.get("skipped_nonfinite") for r in records(tmp_path / "one-bad"))
+
+    with pytest.raises(TrainingDiverged, match="3 consecutive steps"):
+        train(small(corpus, tmp_path / "diverged", model={"init_std": 1e30}, max_bad_steps=3, ckpt_every=1))
+    assert list_checkpoints(tmp_path / "diverged") == []
+
+
+def test_torchrun_two_gloo_processes_match_one_process(corpus, tmp_path):
+    args = ["--preset", "block-attnres", "--size", "tiny", "--data", str(corpus), "--max-tokens", "5120",
+            "--batch-size", "8", "--seq-len", "64", "--set", "log_every=1", "--set", "eval_every=10",
+            "--set", "ckpt_every=100", "--set", "tensorboard=false", "--set", "threads=1"]
+    single = tmp_path / "single"
+    subprocess.run(_cli(*args, "--out", str(single)), check=True, capture_output=True)
+    double = tmp_path / "ddp"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "layerwise.cli", "train", *args, "--out", str(double)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a, b = train_losses(single), train_losses(double)
+    assert sorted(a) == sorted(b) == list(range(1, 11))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-5), step
+    val_a = [r["val_loss"] for r in records(single) if "val_loss" in r]
+    val_b = [r["val_loss"] for r in records(double) if "val_loss" in r]
+    assert val_b == pytest.approx(val_a, rel=1e-5)
+
+
+def test_train_config_reads_counts_and_rejects_bad_fields(tmp_path):
+    assert parse_count("2M") == 2_000_000 and parse_count("500k") == 500_000 and parse_count("1.5B") == 1_500_000_000
+    with pytest.raises(ValueError, match="TrainConfig.schedule='linear'"):
+        TrainConfig(schedule="linear")
+    with pytest.raises(ValueError, match="unknown field.*learning_rate"):
+        TrainConfig.from_dict({"learning_rate": 1e-3})
+    cfg = apply_overrides(TrainConfig(), ["lr=3e-4", "model.n_layers=6", "max_tokens=1M"])
+    assert cfg.lr == 3e-4 and cfg.model == {"n_layers": 6} and cfg.max_tokens == 1_000_000
+    path = tmp_path / "t.yaml"
+    cfg.save_yaml(path)
+    assert TrainConfig.from_yaml(path) == cfg
+
+
+def test_schedules_warm_up_then_decay_to_the_floor():
+    cosine = TrainConfig(lr=1.0, warmup=10, min_lr_ratio=0.1, schedule="cosine")
+    values = [lr_at(s, cosine, 100) for s in range(100)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert values[-1] == pytest.approx(0.1, abs=1e-3) and all(a >= b for a, b in zip(values[10:], values[11:]))
+    wsd = TrainConfig(lr=1.0, warmup=10, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.2)
+    values = [lr_at(s, wsd, 100) for s in range(101)]
+    assert values[50] == 1.0 and values[79] == 1.0 and values[90] == pytest.approx(0.5) and values[100] == 0.0
+
+
+def test_weight_decay_skips_norms_biases_embeddings_and_attnres_queries():
+    from layerwise import LayerwiseForCausalLM, ModelConfig
+
+    model = LayerwiseForCausalLM(ModelConfig.from_preset("block-attnres", "tiny", bias=True))
+    decay, keep = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    kept = {names[id(p)] for p in keep["params"]}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert "model.embed_tokens.weight" in kept and "model.norm.weight" in kept
+    assert any(n.endswith(".query") for n in kept) and any(n.endswith(".bias") for n in kept)
+    assert all(p.ndim == 2 for p in decay["params"]) and "model.layers.0.attn.fn.q_proj.weight" in decayed
+    assert not any(n.endswith(".query") or "norm" in n for n in decayed)
