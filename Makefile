@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 compare: $(VENV)/.installed
-	$(VENV)/bin/layerwise compare --out runs/compare
+	$(VENV)/bin/layerwise compare --presets pre-ln,lns,peri-ln,block-attnres --max-tokens 600k --out runs/compare
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

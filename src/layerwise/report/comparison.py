@@ -86,6 +86,7 @@ def plot_depth_profile(runs: dict[str, list[dict]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     panels = [("hidden_rms", "hidden-state RMS at layer boundary (L = final-norm input)", "boundary", True),
               ("grad_norm_layers", "gradient norm per layer", "layer", True),
@@ -98,6 +99,7 @@ def plot_depth_profile(runs: dict[str, list[dict]], path: Path) -> None:
                 ax.plot(range(len(telemetry[key])), telemetry[key], marker="o", ms=3, label=name)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(xlabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if log:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
