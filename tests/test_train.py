@@ -146,15 +146,18 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run_without_a_nan_che
     assert list_checkpoints(tmp_path / "diverged") == []
 
 
-def test_torchrun_two_gloo_processes_match_one_process(corpus, tmp_path):
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp2"])
+def test_torchrun_two_gloo_processes_match_one_process(corpus, tmp_path, sharding):
     args = ["--preset", "block-attnres", "--size", "tiny", "--data", str(corpus), "--max-tokens", "5120",
             "--batch-size", "8", "--seq-len", "64", "--set", "log_every=1", "--set", "eval_every=10",
             "--set", "ckpt_every=100", "--set", "tensorboard=false", "--set", "threads=1"]
     single = tmp_path / "single"
     subprocess.run(_cli(*args, "--out", str(single)), check=True, capture_output=True)
-    double = tmp_path / "ddp"
+    double = tmp_path / sharding
+    extra = ["--set", "fsdp=true", "--set", "ckpt_every=5"] if sharding == "fsdp2" else []
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "layerwise.cli", "train", *args, "--out", str(double)], capture_output=True, text=True)
+                           "-m", "layerwise.cli", "train", *args, *extra, "--out", str(double)],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     a, b = train_losses(single), train_losses(double)
     assert sorted(a) == sorted(b) == list(range(1, 11))
@@ -163,6 +166,8 @@ def test_torchrun_two_gloo_processes_match_one_process(corpus, tmp_path):
     val_a = [r["val_loss"] for r in records(single) if "val_loss" in r]
     val_b = [r["val_loss"] for r in records(double) if "val_loss" in r]
     assert val_b == pytest.approx(val_a, rel=1e-5)
+    if sharding == "fsdp2":  # full (unsharded) weights were gathered into a loadable checkpoint
+        assert verify_checkpoint(list_checkpoints(double)[-1])["step"] == 10
 
 
 def test_train_config_reads_counts_and_rejects_bad_fields(tmp_path):

@@ -89,7 +89,7 @@ class LayerwiseModel(LayerwisePreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
         # DyT's LLaMA recipe: a learnable scalar on the embedding output, init sqrt(d).
         self.embedding_multiplier = (
-            nn.Parameter(torch.tensor(math.sqrt(config.d_model))) if config.embedding_scale else None
+            nn.Parameter(torch.full((1,), math.sqrt(config.d_model))) if config.embedding_scale else None
         )
         self.embedding_norm = build_norm(config, "embedding") if config.embedding_norm else None
         self.layers = nn.ModuleList(build_layer(config, i) for i in range(config.n_layers))

@@ -89,7 +89,9 @@ class BHyTParallelLayer(Layer):
             return
         if not torch.isfinite(self.attn_gain):  # one host sync per layer, on the first forward only
             attn = self.attn.fn
-            self.attn_gain.copy_(attention_output_gain(attn.v_proj.weight, attn.o_proj.weight, attn.n_heads, seq_len))
+            # Under FSDP2 the weights are sharded DTensors outside the attention's own forward.
+            v, o = (getattr(w, "full_tensor", lambda w=w: w)() for w in (attn.v_proj.weight, attn.o_proj.weight))
+            self.attn_gain.copy_(attention_output_gain(v, o, attn.n_heads, seq_len))
         self._gain_ready = True
 
     def forward(self, x, ctx):

@@ -93,7 +93,7 @@ class DyT(nn.Module):
     def __init__(self, dim: int, alpha0: float = 0.5, bias: bool = True):
         super().__init__()
         self.alpha0 = alpha0
-        self.alpha = nn.Parameter(torch.tensor(float(alpha0)))
+        self.alpha = nn.Parameter(torch.full((1,), float(alpha0)))  # 1-D: FSDP2 cannot shard 0-d tensors
         self.weight = nn.Parameter(torch.ones(dim))
         # The LLaMA recipe drops beta, mirroring RMSNorm's bias-free form.
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
@@ -132,7 +132,7 @@ class BHyT(nn.Module):
         super().__init__()
         self.lambda0 = lambda0
         self.kappa = kappa
-        self.lam = nn.Parameter(torch.tensor(float(lambda0)))
+        self.lam = nn.Parameter(torch.full((1,), float(lambda0)))
         self.weight = nn.Parameter(torch.ones(dim))
 
     @classmethod

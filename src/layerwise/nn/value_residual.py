@@ -56,7 +56,7 @@ class ResFormer(ValueResidual):
         super().__init__(cfg)
         n = max(cfg.n_layers - 1, 1)
         self.lambda_logits = nn.Parameter(torch.zeros(n))
-        self.lambda_scale = nn.Parameter(torch.tensor(float(cfg.n_layers)))
+        self.lambda_scale = nn.Parameter(torch.full((1,), float(cfg.n_layers)))
         self.lambda_self = nn.Parameter(torch.full((n,), 0.5))
 
     def reset_parameters(self):

@@ -52,14 +52,20 @@ def teardown() -> None:
 
 
 def wrap(model: nn.Module, rt: Runtime, fsdp: bool) -> nn.Module:
-    """DDP (default) or FSDP2 (`fully_shard` per layer, then the root) across the torchrun processes."""
+    """DDP (default) or FSDP2 across the torchrun processes.
+
+    FSDP2 shards each sublayer's attention / MLP module, then the root (embeddings, norms, AttnRes mixers).
+    Not whole layers: AttnRes schemes call a sublayer's `branch` directly, which would bypass a layer-level
+    unshard hook, while the attention and MLP modules are always entered through their own forward.
+    """
     if not rt.distributed:
         return model
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
         for layer in model.model.layers:
-            fully_shard(layer)
+            fully_shard(layer.attn.fn)
+            fully_shard(layer.mlp.fn)
         fully_shard(model)
         return model
     from torch.nn.parallel import DistributedDataParallel

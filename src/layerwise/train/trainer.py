@@ -155,6 +155,7 @@ class Trainer:
 
         consecutive_bad, last_val = 0, None
         t_last, tokens_last = time.perf_counter(), start_step * cfg.tokens_per_step
+        self.data_seconds = 0.0
         progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), console=console,
                             disable=not rt.is_main)
@@ -190,16 +191,21 @@ class Trainer:
                     telemetry = {"grad_norm_layers": layer_grad_norms(wrapped)}
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                pause = time.perf_counter()  # telemetry, evaluation and checkpoints do not count as training time
                 if telemetry is not None and not cfg.fsdp:
                     telemetry.update(measure_depth(model, first_x[:4], self.autocast()))
                 record = {"step": step + 1, "tokens": tokens}
                 if rt.is_main and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
-                    now = time.perf_counter()
-                    tok_s = (tokens - tokens_last) / (now - t_last)
-                    t_last, tokens_last = now, tokens
+                    now = pause
+                    elapsed = now - t_last
+                    tok_s = (tokens - tokens_last) / elapsed
                     mfu = tok_s * fpt / (peak * rt.world_size) if peak else None
+                    # Host time spent assembling batches, as a share of wall time since the last record.
+                    data_fraction = self.data_seconds / elapsed
+                    t_last, tokens_last, self.data_seconds = now, tokens, 0.0
                     log.write({**record, "train_loss": loss, "lr": lr, "grad_norm": grad_norm,
-                               "tokens_per_s": tok_s, **({"mfu": mfu} if mfu is not None else {})})
+                               "tokens_per_s": tok_s, "data_fraction": data_fraction,
+                               **({"mfu": mfu} if mfu is not None else {})})
                     stats = f"loss {loss:.3f}  {tok_s:,.0f} tok/s" + (f"  MFU {mfu:.1%}" if mfu else "")
                     progress.update(task, completed=step + 1, stats=stats)
                 if (step + 1) % cfg.eval_every == 0 or step + 1 == total:
@@ -210,6 +216,7 @@ class Trainer:
                     log.write({**record, "telemetry": telemetry})
                 if (step + 1) % cfg.ckpt_every == 0 or step + 1 == total:
                     self._checkpoint(step + 1, model, optimizer)
+                t_last += time.perf_counter() - pause
         if rt.is_main:
             log.close()
             console.print(f"done: {total} steps, val loss {last_val:.4f}; run folder {self.run_dir} "
@@ -240,9 +247,11 @@ class Trainer:
         loss_sum = torch.zeros((), device=rt.device)
         first_x = None
         for m in range(self.accum):
+            t0 = time.perf_counter()
             x, y = windows(data.train, mine[m * self.micro:(m + 1) * self.micro], cfg.seq_len)
-            x = x.to(rt.device, non_blocking=True)
-            y = y.to(rt.device, non_blocking=True)
+            x = x.pin_memory().to(rt.device, non_blocking=True) if rt.device.type == "cuda" else x
+            y = y.pin_memory().to(rt.device, non_blocking=True) if rt.device.type == "cuda" else y
+            self.data_seconds += time.perf_counter() - t0
             first_x = x if first_x is None else first_x
             last = m == self.accum - 1
             if cfg.fsdp and rt.distributed:
