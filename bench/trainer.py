@@ -22,10 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from layerwise import LayerwiseForCausalLM, ModelConfig
+from layerwise import LayerwiseForCausalLM
+from layerwise.data.build import open_token_data
 from layerwise.data.shards import write_llmc_shard
 from layerwise.train.config import TrainConfig
-from layerwise.train.trainer import train
+from layerwise.train.trainer import build_model_config, train
 
 
 def _throughput_module():
@@ -60,6 +61,7 @@ def main(argv=None) -> dict:
                           log_every=log_every, eval_every=10**9, eval_batches=1, telemetry_every=10**9,
                           ckpt_every=10**9, compile=cuda, tensorboard=False, warmup=0)
         train(cfg)
+        model_cfg = build_model_config(cfg, open_token_data(data).vocab_size)  # exactly the trained model
         records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in records if "tokens_per_s" in r][1:]  # the first window holds compilation
     trainer_tps = statistics.median(r["tokens_per_s"] for r in timed)
@@ -68,7 +70,6 @@ def main(argv=None) -> dict:
     throughput = _throughput_module()
     bare_args = argparse.Namespace(batch=args.batch, seq=args.seq, warmup=10 if cuda else 2,
                                    steps=30 if cuda else 5, compile=cuda)
-    model_cfg = ModelConfig.from_preset(args.preset, args.size, max_seq_len=max(args.seq, 256))
     device = torch.device("cuda" if cuda else "cpu")
     bare = throughput.measure(args.preset, LayerwiseForCausalLM(model_cfg), model_cfg, bare_args, device)
     result = {"preset": args.preset, "size": args.size, "batch": args.batch, "seq": args.seq,
