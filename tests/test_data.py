@@ -143,3 +143,22 @@ def test_concat_tokens_slices_across_parts():
     parts = [np.arange(0, 5), np.arange(5, 8), np.arange(8, 20)]
     tokens = ConcatTokens(parts)
     assert len(tokens) == 20 and np.array_equal(tokens[3:15], np.arange(3, 15))
+
+
+def test_a_datasets_save_to_disk_folder_is_read_from_its_text_column(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    texts = [t for t in shakespeare_text()[:300_000].split("\n\n") if t.strip()]
+    table = pa.table({"text": texts, "id": list(range(len(texts)))})
+    with pa.OSFile(str(folder / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    (folder / "dataset_info.json").write_text("{}")
+    data = open_token_data(folder, vocab_size=300)
+    assert len(data.train) > 10_000 and data.vocab_size == 300
+    (folder / "data-00000-of-00001.arrow").unlink()
+    bad = pa.table({"content": ["x"]})
+    with pa.OSFile(str(folder / "b.arrow"), "wb") as sink, pa.ipc.new_stream(sink, bad.schema) as w:
+        w.write_table(bad)
+    with pytest.raises(ValueError, match="b.arrow: no `text` column"):
+        open_token_data(folder, vocab_size=301)

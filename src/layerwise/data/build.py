@@ -13,11 +13,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from .shards import ConcatTokens, read_shard, write_shard
 from .sources import Document, get_source, read_text_file
-from .tokenizer import EOT, encode_documents, eot_id, load_tokenizer, train_bpe
+from .tokenizer import encode_documents, eot_id, load_tokenizer, train_bpe
 
 MANIFEST = "manifest.json"
 
@@ -153,10 +152,8 @@ def open_token_data(path: str | Path, vocab_size: int = 8192, tokenizer_path: st
         return _open_built(path)
     if path.is_dir() and sorted(path.glob("*.bin")):
         return _open_shards(sorted(path.glob("*.bin")), str(path))
-    if path.is_dir() and (path / "dataset_info.json").exists() or list(path.glob("*.arrow")):
-        docs = _documents_from_datasets_folder(path)
-    elif path.is_file() or path.is_dir():
-        docs = _documents_from_text(path)
+    is_datasets_folder = path.is_dir() and ((path / "dataset_info.json").exists() or any(path.glob("*.arrow")))
+    docs = _documents_from_datasets_folder(path) if is_datasets_folder else _documents_from_text(path)
     stamp = hashlib.sha256(json.dumps([str(path.resolve()), vocab_size, str(tokenizer_path),
                                        [len(t) for _, t in docs]]).encode()).hexdigest()[:12]
     cache = (path.parent if path.is_file() else path) / f".layerwise-{path.name}-{stamp}"

@@ -39,8 +39,13 @@ def build_norm(cfg, role: str, dim: int | None = None) -> nn.Module:
     return NORMS.get(cfg.norm).from_config(dim or cfg.d_model, cfg, role)
 
 
-def _role_is_attention(role: str) -> bool:
-    return role.startswith("attn") or role == "embedding"
+def per_role(cfg, role: str, prefix: str):
+    """The config value `<prefix>_final`, `<prefix>_attn` (attention-side and embedding norms) or
+    `<prefix>_mlp` for a norm in `role`: DyT and BHyT initialise each position differently."""
+    if role == "final":
+        return getattr(cfg, f"{prefix}_final")
+    side = "attn" if role.startswith("attn") or role == "embedding" else "mlp"
+    return getattr(cfg, f"{prefix}_{side}")
 
 
 @register_norm("layernorm")
@@ -100,13 +105,7 @@ class DyT(nn.Module):
 
     @classmethod
     def from_config(cls, dim, cfg, role):
-        if role == "final":
-            alpha0 = cfg.dyt_alpha_final
-        elif _role_is_attention(role):
-            alpha0 = cfg.dyt_alpha_attn
-        else:
-            alpha0 = cfg.dyt_alpha_mlp
-        return cls(dim, alpha0=alpha0, bias=cfg.norm_bias)
+        return cls(dim, alpha0=per_role(cfg, role, "dyt_alpha"), bias=cfg.norm_bias)
 
     def reset_parameters(self):
         nn.init.constant_(self.alpha, self.alpha0)
@@ -137,16 +136,10 @@ class BHyT(nn.Module):
 
     @classmethod
     def from_config(cls, dim, cfg, role):
-        if role == "final":
-            if cfg.bhyt_lambda_final <= 0:
-                # The paper's recommended configs (lambda_final = 0) keep a plain RMSNorm before the head.
-                return RMSNorm(dim, eps=cfg.norm_eps)
-            lambda0 = cfg.bhyt_lambda_final
-        elif _role_is_attention(role):
-            lambda0 = cfg.bhyt_lambda_attn
-        else:
-            lambda0 = cfg.bhyt_lambda_mlp
-        return cls(dim, lambda0=lambda0, kappa=cfg.bhyt_kappa)
+        if role == "final" and cfg.bhyt_lambda_final <= 0:
+            # The paper's recommended configs (lambda_final = 0) keep a plain RMSNorm before the head.
+            return RMSNorm(dim, eps=cfg.norm_eps)
+        return cls(dim, lambda0=per_role(cfg, role, "bhyt_lambda"), kappa=cfg.bhyt_kappa)
 
     def reset_parameters(self):
         nn.init.constant_(self.lam, self.lambda0)

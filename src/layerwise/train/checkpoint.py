@@ -17,7 +17,6 @@ import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from contextlib import nullcontext
@@ -304,11 +303,3 @@ def train(cfg: TrainConfig, console: Console | None = None) -> dict:
     finally:
         dist_infra.teardown()
 
-
-def summarize_run(run_dir: Path) -> dict:
-    from .metrics import read_metrics
-
-    records = read_metrics(run_dir)
-    vals = [r["val_loss"] for r in records if "val_loss" in r]
-    return {"final_val_loss": vals[-1] if vals else None, "best_val_loss": min(vals) if vals else None,
-            "records": len(records), "config": json.loads((Path(run_dir) / "model_config.json").read_text())}
