@@ -42,7 +42,7 @@ def train_losses(run: Path) -> dict[int, float]:
 
 @pytest.mark.parametrize("preset", ["pre-ln", "block-attnres"])
 def test_training_lowers_validation_loss_and_logs_metrics_and_telemetry(corpus, tmp_path, preset):
-    result = train(small(corpus, tmp_path, preset=preset))
+    result = train(small(corpus, tmp_path, preset=preset, tensorboard=preset == "pre-ln"))
     recs = records(tmp_path)
     vals = [r["val_loss"] for r in recs if "val_loss" in r]
     assert len(vals) == 3 and vals[-1] < vals[0] - 0.8, vals  # step 0, 12, 24
@@ -58,6 +58,15 @@ def test_training_lowers_validation_loss_and_logs_metrics_and_telemetry(corpus, 
         assert all(abs(sum(w) - 1) < 1e-4 for w in weights.values())  # mean weights over tokens sum to 1
     else:
         assert "depth_weights" not in telemetry
+    if preset == "pre-ln":
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(tmp_path / "tensorboard"))
+        events.Reload()
+        tags = set(events.Tags()["scalars"])
+        assert {"train_loss", "val_loss", "tokens_per_s"} <= tags
+        assert len(events.Scalars("train_loss")) == 24
+        assert "telemetry/hidden_rms/04" in tags and "telemetry/grad_norm_layers/03" in tags
     model_dir = list_checkpoints(tmp_path)[-1]
     from transformers import AutoModelForCausalLM
     assert AutoModelForCausalLM.from_pretrained(model_dir).config.preset == preset

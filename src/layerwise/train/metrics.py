@@ -29,13 +29,21 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
             f.flush()
         if self.writer is not None:
-            step = record["step"]
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.writer.add_scalar(key, value, step)
-                elif isinstance(value, list) and value and isinstance(value[0], (int, float)):
-                    for i, v in enumerate(value):
-                        self.writer.add_scalar(f"{key}/{i:02d}", v, step)
+            self._scalars(record, "", record["step"])
+
+    def _scalars(self, values: dict, prefix: str, step: int) -> None:
+        """Numbers as scalars; lists as one series per index (layer); dicts (telemetry) recursively."""
+        for key, value in values.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, bool) or key == "step":
+                continue
+            if isinstance(value, (int, float)):
+                self.writer.add_scalar(name, value, step)
+            elif isinstance(value, list):
+                for i, v in enumerate(value):
+                    self.writer.add_scalar(f"{name}/{i:02d}", v, step)
+            elif isinstance(value, dict):
+                self._scalars(value, f"{name}/", step)
 
     def close(self) -> None:
         if self.writer is not None:
