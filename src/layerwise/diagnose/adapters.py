@@ -1,0 +1,59 @@
+"""Per-family adapters: where a causal LM keeps its decoder layers, final norm, head and embedding.
+
+Diagnostics only need these four handles; everything else runs through the model's own modules, so a
+family is one entry here. Layer i's input and output are what its module receives and returns.
+For layerwise models with an AttnRes residual scheme there is no single residual stream between layers
+and the layer modules are not called as units; those are not supported here yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass
+class DepthView:
+    family: str
+    layers: nn.ModuleList
+    final_norm: nn.Module
+    head: nn.Module
+    embed: nn.Module
+
+
+def _llama_like(model):
+    return model.model.layers, model.model.norm, model.lm_head, model.model.embed_tokens
+
+
+def _gpt2(model):
+    return model.transformer.h, model.transformer.ln_f, model.lm_head, model.transformer.wte
+
+
+def _neox(model):
+    head = getattr(model, "embed_out", None) or model.lm_head  # renamed lm_head in transformers 5
+    return model.gpt_neox.layers, model.gpt_neox.final_layer_norm, head, model.gpt_neox.embed_in
+
+
+def _layerwise(model):
+    if model.config.residual != "standard":
+        raise ValueError(f"diagnostics of residual={model.config.residual!r} models are not supported yet: AttnRes "
+                         "routes each sublayer's input, so layers are not called as units; use the training "
+                         "telemetry (hook points) instead")
+    return _llama_like(model)
+
+
+FAMILIES = {
+    "llama": _llama_like, "mistral": _llama_like, "qwen2": _llama_like, "qwen3": _llama_like,
+    "gemma": _llama_like, "gemma2": _llama_like, "gemma3_text": _llama_like, "olmo": _llama_like,
+    "olmo2": _llama_like, "phi3": _llama_like, "gpt2": _gpt2, "gpt_neox": _neox, "layerwise": _layerwise,
+}
+SUPPORTED_FAMILIES = sorted(FAMILIES)
+
+
+def depth_view(model: nn.Module) -> DepthView:
+    family = getattr(model.config, "model_type", None)
+    if family not in FAMILIES:
+        raise ValueError(f"unsupported architecture {family!r} ({type(model).__name__}); supported: "
+                         f"{', '.join(SUPPORTED_FAMILIES)}")
+    return DepthView(family, *FAMILIES[family](model))

