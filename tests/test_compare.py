@@ -21,3 +21,5 @@ def test_compare_trains_each_preset_on_identical_batches_and_writes_table_and_pl
     assert all(r["final_val_loss_std"] > 0 for r in rows)  # two seeds differ
     assert "| pre-ln |" in report["table"] and "| lns |" in report["table"]
     assert (out / "pre-ln-seed1" / "metrics.jsonl").exists()
+    again = compare(["pre-ln", "lns"], [0, 1], base, tmp_path / "cmp")  # finished runs are reused, not retrained
+    assert again["rows"] == report["rows"]

@@ -216,6 +216,8 @@ class Trainer:
                 if (step + 1) % cfg.ckpt_every == 0 or step + 1 == total:
                     self._checkpoint(step + 1, model, optimizer)
                 t_last += time.perf_counter() - pause
+        if last_val is None:  # resumed from the final checkpoint: nothing left to train
+            last_val = self._evaluate(forward, data)
         if rt.is_main:
             log.close()
             console.print(f"done: {total} steps, val loss {last_val:.4f}; run folder {self.run_dir} "
