@@ -46,6 +46,7 @@ def test_last_logit_lens_layer_is_the_model_and_removal_equals_deleting_the_laye
     assert abs(m["logit_lens_kl"][-1]) < 1e-5 and m["logit_lens_top1"][-1] == 1.0
     assert m["logit_lens_loss"][-1].item() == pytest.approx(m["loss"][0].item(), rel=1e-5)
     assert ((m["angular_distance"] >= 0) & (m["angular_distance"] <= 1)).all()
+    assert ("attn_contribution" in m) == (family != "gpt_neox")  # NeoX layers are parallel-residual
     # Removing layer s by hand (an identity in its place) gives the same loss change as the cached re-run.
     view = depth_view(model)
     kinds = []
@@ -83,6 +84,25 @@ def test_angular_distance_and_block_influence_match_the_formulas_on_hidden_state
     cos_last = torch.nn.functional.cosine_similarity(hs[1][:, -1].double(), hs[3][:, -1].double(), dim=-1)
     assert m["span_angular_distance_last"][1].item() == pytest.approx((torch.arccos(cos_last) / math.pi).mean().item(),
                                                                       rel=1e-6)
+
+
+def test_sublayer_contributions_split_the_layer_at_the_mid_residual():
+    model = hf_model("llama")
+    ids = torch.randint(0, 128, (2, 10))
+    seen = {}
+    layer = model.model.layers[1]
+    layer.register_forward_pre_hook(lambda m, args, kwargs: seen.__setitem__("h", kwargs.get("hidden_states",
+                                    args[0] if args else None)), with_kwargs=True)
+    layer.self_attn.register_forward_hook(lambda m, args, out: seen.__setitem__("a", out[0]))
+    layer.mlp.register_forward_hook(lambda m, args, out: seen.__setitem__("m", out))
+    m = diagnose(model, [ids], removal=False).metrics()
+    h, a, mlp = seen["h"].double(), seen["a"].double(), seen["m"].double()
+    expected_attn = (a.norm(dim=-1) / h.norm(dim=-1)).mean().item()
+    expected_mlp = (mlp.norm(dim=-1) / (h + a).norm(dim=-1)).mean().item()
+    assert m["attn_contribution"][1].item() == pytest.approx(expected_attn, rel=1e-5)
+    assert m["mlp_contribution"][1].item() == pytest.approx(expected_mlp, rel=1e-5)
+    assert m["layer_contribution"][1].item() == pytest.approx(((a + mlp).norm(dim=-1) / h.norm(dim=-1)).mean().item(),
+                                                              rel=1e-5)
 
 
 def test_streaming_over_batches_equals_one_big_batch():

@@ -9,6 +9,7 @@ and the layer modules are not called as units; those are not supported here yet.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from torch import nn
 
@@ -20,6 +21,9 @@ class DepthView:
     final_norm: nn.Module
     head: nn.Module
     embed: nn.Module
+    # The module of a layer whose input is the residual stream between its attention and MLP sublayers
+    # (h + a); None for parallel-residual layers, where there is no such point.
+    mid_residual: Callable[[nn.Module], nn.Module | None] = lambda layer: None
 
 
 def _llama_like(model):
@@ -48,6 +52,15 @@ FAMILIES = {
     "gemma": _llama_like, "gemma2": _llama_like, "gemma3_text": _llama_like, "olmo": _llama_like,
     "olmo2": _llama_like, "phi3": _llama_like, "gpt2": _gpt2, "gpt_neox": _neox, "layerwise": _layerwise,
 }
+# Where the mid-layer residual enters: the pre-MLP norm (or the MLP itself when it has none).
+_MID = {
+    "gemma2": lambda layer: layer.pre_feedforward_layernorm,
+    "gemma3_text": lambda layer: layer.pre_feedforward_layernorm,
+    "olmo2": lambda layer: layer.mlp,  # OLMo 2 normalises sublayer outputs only
+    "gpt2": lambda layer: layer.ln_2,
+    "gpt_neox": lambda layer: None if layer.use_parallel_residual else layer.post_attention_layernorm,
+    "layerwise": lambda layer: layer.mlp.hook_in,
+}
 SUPPORTED_FAMILIES = sorted(FAMILIES)
 
 
@@ -56,4 +69,5 @@ def depth_view(model: nn.Module) -> DepthView:
     if family not in FAMILIES:
         raise ValueError(f"unsupported architecture {family!r} ({type(model).__name__}); supported: "
                          f"{', '.join(SUPPORTED_FAMILIES)}")
-    return DepthView(family, *FAMILIES[family](model))
+    mid = _MID.get(family, lambda layer: layer.post_attention_layernorm)
+    return DepthView(family, *FAMILIES[family](model), mid_residual=mid)

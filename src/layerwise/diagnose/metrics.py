@@ -7,6 +7,10 @@ running sums and the batch's hidden states are dropped. Notation: h_l enters lay
   span_angular_distance_last[l]   arccos(cos(h_l, h_{l+n}))/pi at each sequence's last token (Gromov et al.)
   span_angular_distance_all[l]    the same over all tokens
   hidden_rms[l], hidden_var[l]    RMS and per-token variance over d of h_l, l = 0..L
+  layer_contribution[l]           mean_t ||h_{l+1} - h_l|| / ||h_l||                 (Csordas et al.)
+  attn_contribution[l], mlp_contribution[l]
+                                  ||a_l|| / ||h_l|| and ||m_l|| / ||h_l + a_l||, from the mid-layer residual
+                                  h_l + a_l (absent for parallel-residual layers such as GPT-NeoX's)
   logit_lens_*[l]                 head(final_norm(h_{l+1})) vs the model's logits: KL(p_l || p_final),
                                   top-1 agreement, top-5 overlap, next-token loss. The final norm is applied
                                   to the raw layer output (HF's last hidden state is already normed).
@@ -63,11 +67,16 @@ class DepthDiagnosis:
 class _Recorder:
     """Hooks that keep one batch's layer calls (args, kwargs) and outputs."""
 
-    def __init__(self, layers):
-        self.layers, self.calls, self.outputs, self.handles = layers, {}, {}, []
+    def __init__(self, layers, mid_residual):
+        self.layers, self.mid_residual = layers, mid_residual
+        self.calls, self.outputs, self.mids, self.handles = {}, {}, {}, []
 
     def __enter__(self):
         for i, layer in enumerate(self.layers):
+            mid = self.mid_residual(layer)
+            if mid is not None:
+                self.handles.append(mid.register_forward_pre_hook(
+                    lambda m, args, i=i: self.mids.__setitem__(i, args[0])))
             self.handles.append(layer.register_forward_pre_hook(
                 lambda m, args, kwargs, i=i: self.calls.__setitem__(i, (args, kwargs)), with_kwargs=True))
             self.handles.append(layer.register_forward_hook(
@@ -100,7 +109,7 @@ def diagnose(model, batches: Iterable[torch.Tensor], n_span: int = 4, removal: b
     model.eval()
     result = DepthDiagnosis(view.family, L, n_span)
     for ids in batches:
-        with _Recorder(view.layers) as rec:
+        with _Recorder(view.layers, view.mid_residual) as rec:
             logits = model(input_ids=ids, use_cache=False).logits.float()
         B, T = ids.shape
         n_tok = B * T
@@ -116,6 +125,17 @@ def diagnose(model, batches: Iterable[torch.Tensor], n_span: int = 4, removal: b
                    torch.stack([torch.arccos(c[:, -1]).sum() / math.pi for c in span]), B)
         result.add("hidden_rms", torch.stack([s.double().pow(2).mean(-1).sqrt().sum() for s in states]), n_tok)
         result.add("hidden_var", torch.stack([s.double().var(-1, unbiased=False).sum() for s in states]), n_tok)
+
+        def ratio(num, den):
+            return (num.double().norm(dim=-1) / den.double().norm(dim=-1).clamp_min(1e-12)).sum()
+
+        result.add("layer_contribution", torch.stack([ratio(states[i + 1] - states[i], states[i]) for i in range(L)]),
+                   n_tok)
+        if len(rec.mids) == L:
+            mids = [rec.mids[i] for i in range(L)]
+            result.add("attn_contribution", torch.stack([ratio(mids[i] - states[i], states[i]) for i in range(L)]), n_tok)
+            result.add("mlp_contribution", torch.stack([ratio(states[i + 1] - mids[i], mids[i]) for i in range(L)]),
+                       n_tok)
 
         targets = ids[:, 1:].reshape(-1)
         log_final = logits.log_softmax(-1)
