@@ -66,6 +66,13 @@ def test_last_logit_lens_layer_is_the_model_and_removal_equals_deleting_the_laye
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss.item()
         view.layers[s] = original
         assert m["removal_delta_loss"][s].item() == pytest.approx(loss - m["loss"][0].item(), abs=1e-4)
+    originals = [view.layers[1], view.layers[2]]  # the 2-layer span 1..2, removed by hand
+    view.layers[1], view.layers[2] = Skip(), Skip()
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss.item()
+    view.layers[1], view.layers[2] = originals
+    assert len(m["span_removal_delta_loss"]) == L - 1
+    assert m["span_removal_delta_loss"][1].item() == pytest.approx(loss - m["loss"][0].item(), abs=1e-4)
 
 
 def test_angular_distance_and_block_influence_match_the_formulas_on_hidden_states():

@@ -17,6 +17,8 @@ running sums and the batch's hidden states are dropped. Notation: h_l enters lay
   removal_delta_loss[l], removal_kl[l]
                                   loss change and KL(p_full || p_without_l) when layer l is skipped,
                                   re-running only layers l+1.. from the cached input of layer l.
+  span_removal_delta_loss[l], span_removal_kl[l]
+                                  the same for the contiguous span l..l+n-1 (n = n_span)
 """
 
 from __future__ import annotations
@@ -156,18 +158,24 @@ def diagnose(model, batches: Iterable[torch.Tensor], n_span: int = 4, removal: b
             result.add(name, torch.stack(values), targets.numel() if name == "logit_lens_loss" else n_tok)
 
         if removal:
-            delta, kl = [], []
             p_full = log_final.exp()
-            for s in range(L):
-                h = states[s]  # skipping layer s: its input goes straight to layer s + 1
-                for j in range(s + 1, L):
+
+            def without(first: int, count: int):
+                """Loss change and KL when layers first..first+count-1 are skipped: the input of `first` goes
+                straight to layer first+count, and only the layers after the gap are re-run."""
+                h = states[first]
+                for j in range(first + count, L):
                     h = rec.rerun(j, h)
                 z = view.head(view.final_norm(h)).float()
                 loss = F.cross_entropy(z[:, :-1].reshape(-1, z.shape[-1]), targets, reduction="sum")
-                delta.append(loss - loss_full)
-                kl.append((p_full * (log_final - z.log_softmax(-1))).sum())
-            result.add("removal_delta_loss", torch.stack(delta), targets.numel())
-            result.add("removal_kl", torch.stack(kl), n_tok)
+                return loss - loss_full, (p_full * (log_final - z.log_softmax(-1))).sum()
+
+            for name, count in (("removal", 1), ("span_removal", n_span)):
+                if name == "span_removal" and n_span == 1:
+                    continue
+                delta, kl = zip(*(without(s, count) for s in range(L - count + 1)))
+                result.add(f"{name}_delta_loss", torch.stack(delta), targets.numel())
+                result.add(f"{name}_kl", torch.stack(kl), n_tok)
     if result.tokens == 0:
         raise ValueError("no batches to diagnose")
     return result
