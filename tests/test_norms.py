@@ -124,17 +124,12 @@ def test_seednorm_heads_must_divide_the_width():
         SeeDNorm(D, heads=3)
 
 
-@pytest.mark.xfail(strict=True, reason="src bug: SeeDNorm.forward (norms.py:196) returns float32 for a bf16 input "
-                   "because s = tanh(<x, beta>) is computed on the float32 upcast of x and never cast back; a model "
-                   "with norm='seednorm' cast to bf16 then fails in the next Linear (dtype mismatch)")
 def test_seednorm_keeps_the_activation_dtype_like_rmsnorm():
     x = (torch.randn(3, D) * 3).bfloat16()
     assert RMSNorm(D).bfloat16()(x).dtype == torch.bfloat16
     assert _randomise(SeeDNorm(D, heads=4), -0.3, 0.3).bfloat16()(x).dtype == torch.bfloat16
 
 
-@pytest.mark.xfail(strict=True, reason="src bug: same SeeDNorm dtype leak (norms.py:196); a pure-bf16 seednorm model "
-                   "raises 'expected m1 and m2 to have the same dtype' in the first attention projection")
 def test_a_bf16_seednorm_model_runs_like_a_bf16_rmsnorm_model():
     model = LayerwiseForCausalLM(ModelConfig.from_preset("seednorm", "tiny", n_layers=1)).to(torch.bfloat16)
     assert model(torch.randint(0, 256, (1, 4))).logits.dtype == torch.bfloat16

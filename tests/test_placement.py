@@ -111,13 +111,16 @@ def test_mixln_model_with_8_layers_and_ratio_a_quarter_runs_layers_0_1_post_ln_a
     x, ctx = _x(), _ctx()
     with torch.no_grad():
         for i, layer in enumerate(model.model.layers):
+            check = i in (0, 1, 2, 7)  # computed on the boundary layers and the last; structure on all
             for sub in (layer.attn, layer.mlp):
                 if i < 2:  # h <- RMS(h + F(h))
                     assert isinstance(sub.norm_in, nn.Identity) and isinstance(sub.norm_out, RMSNorm)
-                    torch.testing.assert_close(sub(x, ctx), _rmsnorm(sub.norm_out, x + sub.fn(x, ctx)), **TIGHT)
+                    if check:
+                        torch.testing.assert_close(sub(x, ctx), _rmsnorm(sub.norm_out, x + sub.fn(x, ctx)), **TIGHT)
                 else:  # h <- h + F(RMS(h))
                     assert isinstance(sub.norm_in, RMSNorm) and isinstance(sub.norm_out, nn.Identity)
-                    torch.testing.assert_close(sub(x, ctx), x + sub.fn(_rmsnorm(sub.norm_in, x), ctx), **TIGHT)
+                    if check:
+                        torch.testing.assert_close(sub(x, ctx), x + sub.fn(_rmsnorm(sub.norm_in, x), ctx), **TIGHT)
     assert isinstance(model.model.norm, RMSNorm)  # a final norm is always applied
 
 
@@ -199,7 +202,8 @@ def test_post_ln_sublayer_computes_norm_of_x_plus_f_x():
         for layer in model.model.layers:
             for sub in (layer.attn, layer.mlp):
                 assert isinstance(sub.norm_in, nn.Identity) and isinstance(sub.norm_out, RMSNorm)
-                torch.testing.assert_close(sub(x, ctx), _rmsnorm(sub.norm_out, x + sub.fn(x, ctx)), **TIGHT)
+        for sub in (model.model.layers[0].attn, model.model.layers[0].mlp):
+            torch.testing.assert_close(sub(x, ctx), _rmsnorm(sub.norm_out, x + sub.fn(x, ctx)), **TIGHT)
     assert isinstance(model.model.norm, RMSNorm)  # as in the MixLN/LNS repos, a final norm is still applied
 
 
@@ -211,10 +215,11 @@ def test_peri_ln_sublayer_computes_x_plus_norm_out_of_f_of_norm_in_x():
             for sub in (layer.attn, layer.mlp):
                 assert isinstance(sub.norm_in, RMSNorm) and isinstance(sub.norm_out, RMSNorm)
                 assert sub.norm_in is not sub.norm_out
-                expected = x + sub.norm_out(sub.fn(sub.norm_in(x), ctx))
-                torch.testing.assert_close(sub(x, ctx), expected, **TIGHT)
-                formula = x + _rmsnorm(sub.norm_out, sub.fn(_rmsnorm(sub.norm_in, x), ctx))
-                torch.testing.assert_close(sub(x, ctx), formula, **TIGHT)
+        for sub in (model.model.layers[2].attn, model.model.layers[2].mlp):
+            out = sub(x, ctx)
+            torch.testing.assert_close(out, x + sub.norm_out(sub.fn(sub.norm_in(x), ctx)), **TIGHT)
+            formula = x + _rmsnorm(sub.norm_out, sub.fn(_rmsnorm(sub.norm_in, x), ctx))
+            torch.testing.assert_close(out, formula, **TIGHT)
 
 
 def test_peri_ln_preset_normalises_the_embedding_output():

@@ -103,7 +103,7 @@ class BHyTParallelLayer(Layer):
         x = x + attn.hook_out(attn.fn(attn.scaled(attn.norm_in(x, ms)), ctx))
         ms_hat = approximate_mean_square(ms, self.attn_gain, attn.norm_in.lam, attn.norm_in.kappa)
         x = mlp.hook_in(x)
-        return x + mlp.hook_out(mlp.fn(mlp.scaled(mlp.norm_in(x)), ctx))
+        return x + mlp.hook_out(mlp.fn(mlp.scaled(mlp.norm_in(x, ms_hat)), ctx))
 
 
 def build_layer(cfg, layer_idx: int) -> Layer:

@@ -192,7 +192,8 @@ class SeeDNorm(nn.Module):
         # The dot product uses the un-normalised x: that is how the input norm survives normalisation.
         xf = at_least_float32(x)
         chunks = xf.unflatten(-1, (self.heads, -1)) * at_least_float32(self.beta).view(self.heads, -1)
-        s = torch.tanh(chunks.sum(-1)).repeat_interleave(x.shape[-1] // self.heads, dim=-1)
+        # s in the activation dtype, as RMSNorm returns it: a float32 s would leak float32 into a bf16 model.
+        s = torch.tanh(chunks.sum(-1)).repeat_interleave(x.shape[-1] // self.heads, dim=-1).to(x.dtype)
         return (self.weight + self.alpha * s) * rms_normalize(x, self.eps)
 
 
