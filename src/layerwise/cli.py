@@ -12,6 +12,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .report.cli import report_command
+from .transform.cli import prune_command
+
 app = typer.Typer(
     help="layerwise: build, train, diagnose and transform the depth axis of transformer language models.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -140,25 +143,33 @@ def diagnose(
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per sequence."),
     batch_size: int = typer.Option(4, "--batch-size", help="Sequences per forward."),
     n_span: int = typer.Option(4, "--n-span", help="Span length n for the Gromov angular distance."),
-    removal: bool = typer.Option(True, "--removal/--no-removal", help="Also measure the effect of skipping each layer."),
-    out: Path = typer.Option(Path("diagnose-out"), help="Output folder for diagnosis.json."),
+    removal: bool = typer.Option(True, "--removal/--no-removal",
+                                 help="Also measure skipping each layer and span (loss, KL, effect on later layers)."),
+    entropy: bool = typer.Option(True, "--attention-entropy/--no-attention-entropy",
+                                 help="Attention entropy per layer (HF models then run eager attention)."),
+    out: Path = typer.Option(Path("diagnose-out"), help="Output folder for diagnosis.json and report.html."),
 ):
     """Per-layer depth metrics in one streaming pass: angular distance, block influence, n-span distance,
-    hidden RMS, logit lens, and the loss/KL change when each layer is skipped.
+    hidden RMS, sublayer contributions, attention entropy, logit lens, and the loss/KL change when each layer
+    (and each n-layer span) is skipped, with the skip's effect on every later layer. Writes diagnosis.json and
+    a self-contained report.html (`layerwise report` redraws it, e.g. after `layerwise eval --out` the same folder).
 
     Example: layerwise diagnose path/to/SmolLM2-135M-Instruct.Q4_1.gguf --tokens 16384 --out runs/diag
     """
     from .diagnose import diagnose as run_diagnosis
     from .diagnose.load import load_model, load_tokens
     from .diagnose.metrics import token_batches
+    from .report.diagnosis import write_report
 
     with console.status(f"loading {model} ..."):
         net, tokenizer = load_model(model)
         ids = load_tokens(data, tokenizer, tokens)
     with console.status(f"diagnosing {len(ids):,} tokens ..."):
-        result = run_diagnosis(net, token_batches(ids, seq_len, batch_size, tokens), n_span=n_span, removal=removal)
+        result = run_diagnosis(net, token_batches(ids, seq_len, batch_size, tokens), n_span=n_span, removal=removal,
+                               attention_entropy=entropy)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "diagnosis.json").write_text(json.dumps(result.to_json(), indent=1))
+    (out / "diagnosis.json").write_text(json.dumps({"model": str(model), **result.to_json()}, indent=1))
+    page = write_report(out / "diagnosis.json", out)
     metrics = result.metrics()
     table = Table(title=f"{result.family}: {result.n_layers} layers, {result.tokens:,} tokens "
                         f"(loss {metrics['loss'][0]:.4f})")
@@ -169,7 +180,11 @@ def diagnose(
     for i in range(result.n_layers):
         table.add_row(str(i), *(f"{metrics[c][i]:.4f}" for c in columns[1:]))
     console.print(table)
-    console.print(f"outputs: {out / 'diagnosis.json'}")
+    console.print(f"outputs: {out / 'diagnosis.json'}, {page}")
+
+
+app.command("report")(report_command)
+app.command("prune")(prune_command)
 
 
 data_app = typer.Typer(help="Build and inspect tokenized corpora.", no_args_is_help=True)

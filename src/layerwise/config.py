@@ -90,6 +90,10 @@ class ModelConfig(PreTrainedConfig):
     value_residual_gate: str = "relu"  # satformer gate: relu | sigmoid | tanh | identity
     value_residual_last_k: int | None = None  # only the last k layers read layer 0's values
 
+    # Provenance, written by `layerwise.transform.drop_layers`: the 0-based indices (in the original model) of
+    # the layers deleted from this one; None for a model that was never pruned.
+    layerwise_dropped_layers: list[int] | None = None
+
     def __post_init__(self, **kwargs):
         if kwargs.pop("model_type", self.model_type) != self.model_type:
             raise ValueError(f"config has model_type={kwargs.get('model_type')!r}, not {self.model_type!r}")
@@ -110,6 +114,8 @@ class ModelConfig(PreTrainedConfig):
         from .validation import validate_config
 
         validate_config(self)
+        if self.layerwise_dropped_layers:
+            _check_rebuildable_after_pruning(self)
 
     # ---- construction helpers -------------------------------------------------------------------------------
 
@@ -143,6 +149,25 @@ class ModelConfig(PreTrainedConfig):
                 "upgrade layerwise or convert the checkpoint"
             )
         return super().from_dict(config_dict, **kwargs)
+
+
+def _check_rebuildable_after_pruning(cfg: ModelConfig) -> None:
+    """A pruned model is rebuilt from its config with its layers renumbered 0..n-1, so a layer whose math
+    depends on its own index or on the model's depth would come back different. Runs at save and at load, so
+    such a checkpoint is never written or read silently wrong."""
+    depth_dependent = {
+        "layernorm_scaling": (cfg.layernorm_scaling, "scales layer i by 1/sqrt(i+1)"),
+        "norm_placement": (cfg.norm_placement in ("mixln", "deepnorm"),
+                           "mixln / deepnorm derive each layer's layout from the depth"),
+    }
+    for field, (applies, why) in depth_dependent.items():
+        if applies:
+            raise ValueError(
+                f"ModelConfig.layerwise_dropped_layers={cfg.layerwise_dropped_layers} cannot be combined with "
+                f"{field}={getattr(cfg, field)!r}: it {why}, and a pruned model is rebuilt with its surviving "
+                "layers renumbered; use the pruned model in memory, or prune a model without depth-dependent "
+                "layers"
+            )
 
 
 def default_d_ff(d_model: int, mlp: str) -> int:

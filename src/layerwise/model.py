@@ -107,6 +107,14 @@ class LayerwiseModel(LayerwisePreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
+        h, ctx = self.embed(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache)
+        h = self.residual(h, self.layers, ctx)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), past_key_values=ctx.cache)
+
+    def embed(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+              inputs_embeds=None, use_cache=None) -> tuple[torch.Tensor, ForwardContext]:
+        """(what the first layer receives, the context every sublayer shares): token embedding with its
+        optional scale and norm, positions, mask and cache. Diagnostics run the layers from here themselves."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -130,8 +138,7 @@ class LayerwiseModel(LayerwisePreTrainedModel):
             h = h * self.embedding_multiplier
         if self.embedding_norm is not None:
             h = self.embedding_norm(h)
-        h = self.residual(h, self.layers, ctx)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), past_key_values=past_key_values)
+        return h, ctx
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

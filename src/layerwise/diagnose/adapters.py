@@ -1,9 +1,9 @@
 """Per-family adapters: where a causal LM keeps its decoder layers, final norm, head and embedding.
 
-Diagnostics only need these four handles; everything else runs through the model's own modules, so a
-family is one entry here. Layer i's input and output are what its module receives and returns.
-For layerwise models with an AttnRes residual scheme there is no single residual stream between layers
-and the layer modules are not called as units; those are not supported here yet.
+Diagnostics only need these handles; everything else runs through the model's own modules, so a family is
+one entry here. For HF families layer i's input and output are what its module receives and returns. For
+layerwise models (every residual scheme, AttnRes included) the layers are driven through the residual
+scheme's own steps instead; see `layerwise.diagnose.trace`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ class DepthView:
     # The module of a layer whose input is the residual stream between its attention and MLP sublayers
     # (h + a); None for parallel-residual layers, where there is no such point.
     mid_residual: Callable[[nn.Module], nn.Module | None] = lambda layer: None
+    # The self-attention module of a layer (with eager attention its output is (output, weights)).
+    attention: Callable[[nn.Module], nn.Module] = lambda layer: layer.self_attn
 
 
 def _llama_like(model):
@@ -39,18 +41,10 @@ def _neox(model):
     return model.gpt_neox.layers, model.gpt_neox.final_layer_norm, head, model.gpt_neox.embed_in
 
 
-def _layerwise(model):
-    if model.config.residual != "standard":
-        raise ValueError(f"diagnostics of residual={model.config.residual!r} models are not supported yet: AttnRes "
-                         "routes each sublayer's input, so layers are not called as units; use the training "
-                         "telemetry (hook points) instead")
-    return _llama_like(model)
-
-
 FAMILIES = {
     "llama": _llama_like, "mistral": _llama_like, "qwen2": _llama_like, "qwen3": _llama_like,
     "gemma": _llama_like, "gemma2": _llama_like, "gemma3_text": _llama_like, "olmo": _llama_like,
-    "olmo2": _llama_like, "phi3": _llama_like, "gpt2": _gpt2, "gpt_neox": _neox, "layerwise": _layerwise,
+    "olmo2": _llama_like, "phi3": _llama_like, "gpt2": _gpt2, "gpt_neox": _neox, "layerwise": _llama_like,
 }
 # Where the mid-layer residual enters: the pre-MLP norm (or the MLP itself when it has none).
 _MID = {
@@ -61,6 +55,8 @@ _MID = {
     "gpt_neox": lambda layer: None if layer.use_parallel_residual else layer.post_attention_layernorm,
     "layerwise": lambda layer: layer.mlp.hook_in,
 }
+_ATTENTION = {"gpt2": lambda layer: layer.attn, "gpt_neox": lambda layer: layer.attention,
+              "layerwise": lambda layer: layer.attn.fn}
 SUPPORTED_FAMILIES = sorted(FAMILIES)
 
 
@@ -70,4 +66,5 @@ def depth_view(model: nn.Module) -> DepthView:
         raise ValueError(f"unsupported architecture {family!r} ({type(model).__name__}); supported: "
                          f"{', '.join(SUPPORTED_FAMILIES)}")
     mid = _MID.get(family, lambda layer: layer.post_attention_layernorm)
-    return DepthView(family, *FAMILIES[family](model), mid_residual=mid)
+    attention = _ATTENTION.get(family, lambda layer: layer.self_attn)
+    return DepthView(family, *FAMILIES[family](model), mid_residual=mid, attention=attention)

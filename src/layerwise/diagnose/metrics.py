@@ -1,16 +1,18 @@
 """One streaming pass of depth metrics (shared/spec/diagnostics.md §2), memory independent of the token count.
 
-Per batch, hooks record each layer's call (input and arguments) and output; the metrics are reduced into
-running sums and the batch's hidden states are dropped. Notation: h_l enters layer l, h_{l+1} leaves it.
-  angular_distance[l]             mean_t arccos(cos(h_l, h_{l+1})) / pi
-  block_influence[l]              1 - mean_t cos(h_l, h_{l+1})                      (ShortGPT)
+Each batch becomes a `DepthTrace` (see `trace.py`: boundary states, sublayer inputs/outputs, logits and a way
+to resume with layers skipped); the metrics are reduced into running sums and the batch is dropped.
+Notation: h_l enters layer l, h_{l+1} leaves it (never final-normed); means are over tokens unless noted.
+  angular_distance[l]             arccos(cos(h_l, h_{l+1})) / pi
+  block_influence[l]              1 - cos(h_l, h_{l+1})                                     (ShortGPT)
   span_angular_distance_last[l]   arccos(cos(h_l, h_{l+n}))/pi at each sequence's last token (Gromov et al.)
   span_angular_distance_all[l]    the same over all tokens
   hidden_rms[l], hidden_var[l]    RMS and per-token variance over d of h_l, l = 0..L
-  layer_contribution[l]           mean_t ||h_{l+1} - h_l|| / ||h_l||                 (Csordas et al.)
+  layer_contribution[l]           ||h_{l+1} - h_l|| / ||h_l||                               (Csordas et al.)
   attn_contribution[l], mlp_contribution[l]
-                                  ||a_l|| / ||h_l|| and ||m_l|| / ||h_l + a_l||, from the mid-layer residual
-                                  h_l + a_l (absent for parallel-residual layers such as GPT-NeoX's)
+                                  ||a_l|| / ||h_l|| and ||m_l|| / ||h_l + a_l||: what each sublayer adds over
+                                  what it reads (absent for parallel-residual layers such as GPT-NeoX's)
+  attention_entropy[l]            -sum_k p_k log p_k of each query's attention, mean over heads and positions
   logit_lens_*[l]                 head(final_norm(h_{l+1})) vs the model's logits: KL(p_l || p_final),
                                   top-1 agreement, top-5 overlap, next-token loss. The final norm is applied
                                   to the raw layer output (HF's last hidden state is already normed).
@@ -19,6 +21,12 @@ running sums and the batch's hidden states are dropped. Notation: h_l enters lay
                                   re-running only layers l+1.. from the cached input of layer l.
   span_removal_delta_loss[l], span_removal_kl[l]
                                   the same for the contiguous span l..l+n-1 (n = n_span)
+  skip_effect[s][l]               ||Delta_l - Delta'_l|| / ||Delta_l|| for later layers l > s, where
+                                  Delta_l = h_{l+1} - h_l is layer l's contribution and Delta'_l the same with
+                                  layer s skipped (Csordas et al.'s effect on later computation, at all
+                                  positions; NaN for l <= s)
+and, over layers, `rank_correlation()`: Spearman's rho of each similarity metric with removal_delta_loss
+(cosine is not importance: arXiv 2605.14075).
 """
 
 from __future__ import annotations
@@ -30,15 +38,28 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
+from ..nn.norms import at_least_float32
 from .adapters import depth_view
+from .trace import DepthTrace, trace
 
-
-def _hidden(output):
-    return output[0] if isinstance(output, tuple) else output
+# Metrics compared with removal_delta_loss by `rank_correlation` (all grow with a layer's change of h).
+SIMILARITY_METRICS = ("angular_distance", "block_influence", "layer_contribution")
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(a.double(), b.double(), dim=-1).clamp(-1, 1)
+
+
+def _norm_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """Per-token ||num|| / ||den||, [B, T] in float64."""
+    return num.double().norm(dim=-1) / den.double().norm(dim=-1).clamp_min(1e-12)
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Spearman's rank correlation (ties broken by order: per-layer float metrics have none in practice)."""
+    rx, ry = (v.double().argsort().argsort().double() for v in (x, y))
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    return float((rx * ry).sum() / (rx.norm() * ry.norm()).clamp_min(1e-12))
 
 
 @dataclass
@@ -61,49 +82,98 @@ class DepthDiagnosis:
     def metrics(self) -> dict[str, torch.Tensor]:
         return {name: self[name] for name in self.sums}
 
+    def rank_correlation(self) -> dict[str, float]:
+        if "removal_delta_loss" not in self.sums:
+            return {}
+        removal = self["removal_delta_loss"]
+        return {name: spearman(self[name], removal) for name in SIMILARITY_METRICS if name in self.sums}
+
     def to_json(self) -> dict:
+        def plain(value: torch.Tensor):
+            return [plain(v) for v in value] if value.dim() else (None if math.isnan(value) else value.item())
+
         return {"family": self.family, "n_layers": self.n_layers, "n_span": self.n_span, "tokens": self.tokens,
-                "metrics": {name: value.tolist() for name, value in self.metrics().items()}}
+                "metrics": {name: plain(value) for name, value in self.metrics().items()},
+                "rank_correlation": self.rank_correlation()}
 
 
-class _Recorder:
-    """Hooks that keep one batch's layer calls (args, kwargs) and outputs."""
+def _geometry(result: DepthDiagnosis, t: DepthTrace, n_span: int, n_tok: int, n_seq: int) -> None:
+    h, L = t.hidden, len(t.hidden) - 1
+    cos = [_cos(h[i], h[i + 1]) for i in range(L)]
+    result.add("angular_distance", torch.stack([torch.arccos(c).sum() / math.pi for c in cos]), n_tok)
+    result.add("block_influence", torch.stack([(1 - c).sum() for c in cos]), n_tok)
+    span = [_cos(h[i], h[i + n_span]) for i in range(L - n_span + 1)]
+    result.add("span_angular_distance_all", torch.stack([torch.arccos(c).sum() / math.pi for c in span]), n_tok)
+    result.add("span_angular_distance_last", torch.stack([torch.arccos(c[:, -1]).sum() / math.pi for c in span]),
+               n_seq)
+    result.add("hidden_rms", torch.stack([s.double().pow(2).mean(-1).sqrt().sum() for s in h]), n_tok)
+    result.add("hidden_var", torch.stack([s.double().var(-1, unbiased=False).sum() for s in h]), n_tok)
+    result.add("layer_contribution", torch.stack([_norm_ratio(h[i + 1] - h[i], h[i]).sum() for i in range(L)]),
+               n_tok)
+    if t.sublayers is not None:
+        result.add("attn_contribution", torch.stack([_norm_ratio(s.attn_out, s.attn_in).sum() for s in t.sublayers]),
+                   n_tok)
+        result.add("mlp_contribution", torch.stack([_norm_ratio(s.mlp_out, s.mlp_in).sum() for s in t.sublayers]),
+                   n_tok)
+    if t.attention_entropy is not None:
+        result.add("attention_entropy", t.attention_entropy, n_tok)
 
-    def __init__(self, layers, mid_residual):
-        self.layers, self.mid_residual = layers, mid_residual
-        self.calls, self.outputs, self.mids, self.handles = {}, {}, {}, []
 
-    def __enter__(self):
-        for i, layer in enumerate(self.layers):
-            mid = self.mid_residual(layer)
-            if mid is not None:
-                self.handles.append(mid.register_forward_pre_hook(
-                    lambda m, args, i=i: self.mids.__setitem__(i, args[0])))
-            self.handles.append(layer.register_forward_pre_hook(
-                lambda m, args, kwargs, i=i: self.calls.__setitem__(i, (args, kwargs)), with_kwargs=True))
-            self.handles.append(layer.register_forward_hook(
-                lambda m, args, out, i=i: self.outputs.__setitem__(i, _hidden(out))))
-        return self
+def _logit_lens(result: DepthDiagnosis, t: DepthTrace, view, targets: torch.Tensor, n_tok: int) -> None:
+    # One layer's [B, T, V] logits at a time, reduced at once: never L x B x T x V (pitfall §6.7).
+    log_final = t.logits.log_softmax(-1)
+    top1_final, top5_final = t.logits.argmax(-1), t.logits.topk(5, dim=-1).indices
+    kl, top1, top5, loss = [], [], [], []
+    for h in t.hidden[1:]:
+        z = at_least_float32(view.head(view.final_norm(h)))
+        log_p = z.log_softmax(-1)
+        kl.append((log_p.exp() * (log_p - log_final)).sum())
+        top1.append((z.argmax(-1) == top1_final).sum())
+        top5.append((z.topk(5, dim=-1).indices[..., :, None] == top5_final[..., None, :]).any(-1).sum() / 5)
+        loss.append(F.cross_entropy(z[:, :-1].flatten(0, 1), targets, reduction="sum"))
+    for name, values in (("kl", kl), ("top1", top1), ("top5", top5)):
+        result.add(f"logit_lens_{name}", torch.stack(values), n_tok)
+    result.add("logit_lens_loss", torch.stack(loss), targets.numel())
 
-    def __exit__(self, *exc):
-        for handle in self.handles:
-            handle.remove()
 
-    def input(self, i: int) -> torch.Tensor:
-        args, kwargs = self.calls[i]
-        return args[0] if args else kwargs["hidden_states"]
+def _removal(result: DepthDiagnosis, t: DepthTrace, view, targets: torch.Tensor, n_span: int, n_tok: int) -> None:
+    L = len(t.hidden) - 1
+    log_final = t.logits.log_softmax(-1)
+    p_full = log_final.exp()
+    loss_full = F.cross_entropy(t.logits[:, :-1].flatten(0, 1), targets, reduction="sum")
 
-    def rerun(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Layer i on a different input, with the exact other arguments it got in the recorded pass."""
-        args, kwargs = self.calls[i]
-        if args:
-            return _hidden(self.layers[i](hidden, *args[1:], **kwargs))
-        return _hidden(self.layers[i](*args, **{**kwargs, "hidden_states": hidden}))
+    def score(resumed: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        z = at_least_float32(view.head(view.final_norm(resumed[-1])))
+        loss = F.cross_entropy(z[:, :-1].flatten(0, 1), targets, reduction="sum")
+        return loss - loss_full, (p_full * (log_final - z.log_softmax(-1))).sum()
+
+    contributions = [t.hidden[i + 1] - t.hidden[i] for i in range(L)]
+    delta, kl = [], []
+    effect = torch.full((L, L), float("nan"), dtype=torch.float64)
+    for s in range(L):
+        resumed = t.resume(s, 1)  # h'_{s+1} (= h_s), h'_{s+2}, ..., h'_L
+        d, k = score(resumed)
+        delta.append(d)
+        kl.append(k)
+        for later in range(s + 1, L):
+            changed = resumed[later - s] - resumed[later - s - 1]
+            effect[s, later] = _norm_ratio(contributions[later] - changed, contributions[later]).sum()
+    result.add("removal_delta_loss", torch.stack(delta), targets.numel())
+    result.add("removal_kl", torch.stack(kl), n_tok)
+    result.add("skip_effect", effect, n_tok)
+    if n_span > 1:
+        spans = [score(t.resume(s, n_span)) for s in range(L - n_span + 1)]
+        result.add("span_removal_delta_loss", torch.stack([d for d, _ in spans]), targets.numel())
+        result.add("span_removal_kl", torch.stack([k for _, k in spans]), n_tok)
 
 
 @torch.no_grad()
-def diagnose(model, batches: Iterable[torch.Tensor], n_span: int = 4, removal: bool = True) -> DepthDiagnosis:
-    """Stream `batches` of token ids [B, T] through `model` once and reduce every per-layer metric."""
+def diagnose(model, batches: Iterable[torch.Tensor], n_span: int = 4, removal: bool = True,
+             attention_entropy: bool = True) -> DepthDiagnosis:
+    """Stream `batches` of token ids [B, T] through `model` once and reduce every per-layer metric.
+
+    `removal` adds the removal effects and the skip-effect matrix (about L/2 more layer evaluations per layer);
+    `attention_entropy` runs HF models with eager attention, whose weights the fused kernels do not return."""
     view = depth_view(model)
     L = len(view.layers)
     if not 1 <= n_span <= L:
@@ -111,71 +181,16 @@ def diagnose(model, batches: Iterable[torch.Tensor], n_span: int = 4, removal: b
     model.eval()
     result = DepthDiagnosis(view.family, L, n_span)
     for ids in batches:
-        with _Recorder(view.layers, view.mid_residual) as rec:
-            logits = model(input_ids=ids, use_cache=False).logits.float()
+        t = trace(model, view, ids, entropy=attention_entropy)
         B, T = ids.shape
-        n_tok = B * T
-        result.tokens += n_tok
-        states = [rec.input(i) for i in range(L)] + [rec.outputs[L - 1]]
-        cos = torch.stack([_cos(states[i], states[i + 1]).sum() for i in range(L)])
-        result.add("angular_distance",
-                   torch.stack([torch.arccos(_cos(states[i], states[i + 1])).sum() / math.pi for i in range(L)]), n_tok)
-        result.add("block_influence", n_tok - cos, n_tok)
-        span = [_cos(states[i], states[i + n_span]) for i in range(L - n_span + 1)]
-        result.add("span_angular_distance_all", torch.stack([torch.arccos(c).sum() / math.pi for c in span]), n_tok)
-        result.add("span_angular_distance_last",
-                   torch.stack([torch.arccos(c[:, -1]).sum() / math.pi for c in span]), B)
-        result.add("hidden_rms", torch.stack([s.double().pow(2).mean(-1).sqrt().sum() for s in states]), n_tok)
-        result.add("hidden_var", torch.stack([s.double().var(-1, unbiased=False).sum() for s in states]), n_tok)
-
-        def ratio(num, den):
-            return (num.double().norm(dim=-1) / den.double().norm(dim=-1).clamp_min(1e-12)).sum()
-
-        result.add("layer_contribution", torch.stack([ratio(states[i + 1] - states[i], states[i]) for i in range(L)]),
-                   n_tok)
-        if len(rec.mids) == L:
-            mids = [rec.mids[i] for i in range(L)]
-            result.add("attn_contribution", torch.stack([ratio(mids[i] - states[i], states[i]) for i in range(L)]), n_tok)
-            result.add("mlp_contribution", torch.stack([ratio(states[i + 1] - mids[i], mids[i]) for i in range(L)]),
-                       n_tok)
-
-        targets = ids[:, 1:].reshape(-1)
-        log_final = logits.log_softmax(-1)
-        top5_final = logits.topk(5, dim=-1).indices
-        loss_full = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets, reduction="sum")
-        result.add("loss", loss_full.reshape(1), targets.numel())
-        lens = {"logit_lens_kl": [], "logit_lens_top1": [], "logit_lens_top5": [], "logit_lens_loss": []}
-        for i in range(L):
-            z = view.head(view.final_norm(states[i + 1])).float()
-            log_p = z.log_softmax(-1)
-            lens["logit_lens_kl"].append((log_p.exp() * (log_p - log_final)).sum())
-            lens["logit_lens_top1"].append((z.argmax(-1) == logits.argmax(-1)).sum())
-            top5 = z.topk(5, dim=-1).indices
-            lens["logit_lens_top5"].append((top5[..., :, None] == top5_final[..., None, :]).any(-1).sum() / 5)
-            lens["logit_lens_loss"].append(
-                F.cross_entropy(z[:, :-1].reshape(-1, z.shape[-1]), targets, reduction="sum"))
-        for name, values in lens.items():
-            result.add(name, torch.stack(values), targets.numel() if name == "logit_lens_loss" else n_tok)
-
+        result.tokens += B * T
+        targets = ids[:, 1:].flatten()
+        loss = F.cross_entropy(t.logits[:, :-1].flatten(0, 1), targets, reduction="sum")
+        result.add("loss", loss.reshape(1), targets.numel())
+        _geometry(result, t, n_span, B * T, B)
+        _logit_lens(result, t, view, targets, B * T)
         if removal:
-            p_full = log_final.exp()
-
-            def without(first: int, count: int):
-                """Loss change and KL when layers first..first+count-1 are skipped: the input of `first` goes
-                straight to layer first+count, and only the layers after the gap are re-run."""
-                h = states[first]
-                for j in range(first + count, L):
-                    h = rec.rerun(j, h)
-                z = view.head(view.final_norm(h)).float()
-                loss = F.cross_entropy(z[:, :-1].reshape(-1, z.shape[-1]), targets, reduction="sum")
-                return loss - loss_full, (p_full * (log_final - z.log_softmax(-1))).sum()
-
-            for name, count in (("removal", 1), ("span_removal", n_span)):
-                if name == "span_removal" and n_span == 1:
-                    continue
-                delta, kl = zip(*(without(s, count) for s in range(L - count + 1)))
-                result.add(f"{name}_delta_loss", torch.stack(delta), targets.numel())
-                result.add(f"{name}_kl", torch.stack(kl), n_tok)
+            _removal(result, t, view, targets, n_span, B * T)
     if result.tokens == 0:
         raise ValueError("no batches to diagnose")
     return result

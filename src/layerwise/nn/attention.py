@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .hooks import HookPoint
 from .norms import RMSNorm
 
 
@@ -55,6 +56,10 @@ class CausalSelfAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=cfg.bias)
         self.q_norm = RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        # Queries and keys as SDPA receives them ([B, H, T, hd], keys after the cache update), so analysis can
+        # recompute the attention pattern that the fused kernel never materialises.
+        self.hook_q = HookPoint()
+        self.hook_k = HookPoint()
 
     def input_projections(self):
         return (self.q_proj, self.k_proj, self.v_proj)
@@ -78,6 +83,7 @@ class CausalSelfAttention(nn.Module):
         v = v.transpose(1, 2)
         if ctx.cache is not None:
             k, v = ctx.cache.update(k, v, self.layer_idx)
+        q, k = self.hook_q(q), self.hook_k(k)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=ctx.attn_mask, is_causal=ctx.is_causal and ctx.attn_mask is None,
             enable_gqa=self.n_kv_heads != self.n_heads,

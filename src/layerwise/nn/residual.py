@@ -1,8 +1,13 @@
 """Residual schemes: how sublayer outputs flow along depth. Selected by `ModelConfig.residual`.
 
-A scheme runs the layers: `scheme(h, layers, ctx)` takes the embedding output and returns the hidden state
-for the final norm. The standard scheme lets each layer's placement do the residual add; the AttnRes
-schemes call each sublayer's `branch` (its output before any residual add) and route the inputs themselves.
+A scheme threads a *depth state* through the layers: `start(h)` from the embedding output, `step(state, i,
+layer, ctx)` for layer i, and `readout(state)`, the hidden state the final norm would read if the layers
+stopped here. `forward` is just that loop. The state is what must be kept to continue from layer i: the
+stream h for the standard scheme, the list of depth sources under AttnRes. Steps never modify a state in
+place, so diagnostics can cache every layer's state and resume from any of them with layers skipped.
+
+The standard scheme lets each layer's placement do the residual add; the AttnRes schemes call each
+sublayer's `branch` (its output before any residual add) and route the inputs themselves.
 """
 
 from __future__ import annotations
@@ -59,25 +64,42 @@ class DepthAttention(nn.Module):
         return (w.unsqueeze(-1) * at_least_float32(v)).sum(0).to(v.dtype)
 
 
-@RESIDUALS.register("standard")
-class StandardResidual(nn.Module):
-    """The additive residual stream (He et al., 2016); each layer's placement applies the add."""
-
-    def __init__(self, cfg):
-        super().__init__()
+class ResidualScheme(nn.Module):
+    """Base class: the state is the stream h unless a scheme says otherwise."""
 
     @classmethod
     def validate(cls, cfg):
         pass
 
-    def forward(self, h, layers, ctx):
-        for layer in layers:
-            h = layer(h, ctx)
+    def start(self, h):
         return h
+
+    def step(self, state, i: int, layer, ctx):
+        raise NotImplementedError
+
+    def readout(self, state) -> torch.Tensor:
+        return state
+
+    def forward(self, h, layers, ctx):
+        state = self.start(h)
+        for i, layer in enumerate(layers):
+            state = self.step(state, i, layer, ctx)
+        return self.readout(state)
+
+
+@RESIDUALS.register("standard")
+class StandardResidual(ResidualScheme):
+    """The additive residual stream (He et al., 2016); each layer's placement applies the add."""
+
+    def __init__(self, cfg):
+        super().__init__()
+
+    def step(self, h, i, layer, ctx):
+        return layer(h, ctx)
 
 
 @RESIDUALS.register("block_attnres")
-class BlockAttnRes(nn.Module):
+class BlockAttnRes(ResidualScheme):
     """Block AttnRes (Kimi Team, arXiv 2603.15031): each sublayer reads a depth-softmax over block sums.
 
     Sublayers are split into N blocks of S = 2L/N. Sources for a sublayer are the completed block sums
@@ -109,16 +131,21 @@ class BlockAttnRes(nn.Module):
     def source_count_at_output(self, n_layers: int) -> int:
         return (2 * n_layers - 1) // self.block_size + 2
 
-    def forward(self, h, layers, ctx):
-        blocks: list[torch.Tensor] = []
-        partial: torch.Tensor | None = h  # the embedding; the first boundary records it as b_0
-        for j, sub in enumerate(sublayers(layers)):
+    def start(self, h):
+        return [], h  # (completed block sums, partial sum); the first boundary records the embedding as b_0
+
+    def step(self, state, i, layer, ctx):
+        blocks, partial = state
+        for j, sub in ((2 * i, layer.attn), (2 * i + 1, layer.mlp)):
             x = self.mixers[j](blocks + [partial])
             if j % self.block_size == 0:
-                blocks.append(partial)
-                partial = None
+                blocks, partial = blocks + [partial], None
             out = sub.branch(x, ctx)
             partial = out if partial is None else partial + out
+        return blocks, partial
+
+    def readout(self, state):
+        blocks, partial = state
         return self.final_mixer(blocks + [partial])
 
 
@@ -139,7 +166,7 @@ class FullAttnRes(BlockAttnRes):
 
 
 @RESIDUALS.register("delta_attnres")
-class DeltaAttnRes(nn.Module):
+class DeltaAttnRes(ResidualScheme):
     """Delta AttnRes (Luo, Cai, Hu): the residual stream stays; each sublayer input adds a depth-softmax over
     the embedding and every earlier sublayer output (the per-sublayer deltas h_{i+1} - h_i).
 
@@ -151,24 +178,26 @@ class DeltaAttnRes(nn.Module):
         # Sublayer 0 has no sources, so it has no mixer (an unused parameter would trouble DDP).
         self.mixers = nn.ModuleList(DepthAttention(cfg.d_model, cfg.norm_eps) for _ in range(2 * cfg.n_layers - 1))
 
-    @classmethod
-    def validate(cls, cfg):
-        pass
+    def start(self, h):
+        return h, []  # (stream, sources)
 
-    def forward(self, h, layers, ctx):
-        sources: list[torch.Tensor] = []
-        for j, sub in enumerate(sublayers(layers)):
-            x = h + self.mixers[j - 1](sources) if j else h
+    def step(self, state, i, layer, ctx):
+        h, sources = state
+        for j, sub in ((2 * i, layer.attn), (2 * i + 1, layer.mlp)):
+            x = h + self.mixers[j - 1](sources) if sources else h
             out = sub.branch(x, ctx)
             if j == 0:
-                sources.append(h)  # the embedding becomes the first source once sublayer 0 has read it
-            sources.append(out)
+                sources = sources + [h]  # the embedding becomes the first source once sublayer 0 has read it
+            sources = sources + [out]
             h = h + out
-        return h
+        return h, sources
+
+    def readout(self, state):
+        return state[0]
 
 
 @RESIDUALS.register("delta_block_attnres")
-class DeltaBlockAttnRes(nn.Module):
+class DeltaBlockAttnRes(ResidualScheme):
     """Delta Block AttnRes (Luo, Cai, Hu): Delta AttnRes whose sources are the embedding and per-block deltas.
 
     Layers are grouped in blocks of ceil(L/N). At the first layer of each block, after its attention input is
@@ -188,18 +217,22 @@ class DeltaBlockAttnRes(nn.Module):
             _fail("attnres_blocks", cfg.attnres_blocks,
                   f"exceeds the {cfg.n_layers} layers that delta_block_attnres groups; use 1..{cfg.n_layers}")
 
-    def forward(self, h, layers, ctx):
-        sources: list[torch.Tensor] = []
-        block_start: torch.Tensor | None = None
-        for j, sub in enumerate(sublayers(layers)):
+    def start(self, h):
+        return h, [], None  # (stream, sources, stream at the current block's start)
+
+    def step(self, state, i, layer, ctx):
+        h, sources, block_start = state
+        for is_attention, j, sub in ((True, 2 * i, layer.attn), (False, 2 * i + 1, layer.mlp)):
             x = h + self.mixers[j - 1](sources) if sources else h
             out = sub.branch(x, ctx)
-            layer_idx, is_attention = divmod(j, 2)[0], j % 2 == 0
-            if is_attention and layer_idx % self.layers_per_block == 0:
-                sources.append(h if block_start is None else h - block_start)
+            if is_attention and i % self.layers_per_block == 0:
+                sources = sources + [h if block_start is None else h - block_start]
                 block_start = h
             h = h + out
-        return h
+        return h, sources, block_start
+
+    def readout(self, state):
+        return state[0]
 
 
 def build_residual(cfg) -> nn.Module:

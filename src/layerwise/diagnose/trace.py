@@ -1,0 +1,203 @@
+"""One batch through a model, seen layer by layer: the `DepthTrace` that every depth metric is computed from.
+
+A trace holds, for one batch of token ids, the hidden states h_0..h_L at the layer boundaries (h_l enters
+layer l, h_{l+1} leaves it; nothing final-normed), what each sublayer read and added, the logits, each
+layer's attention entropy, and `resume(first, count)`: the boundary states that follow when layers
+first..first+count-1 are skipped, computed by running only the layers after the gap from the cached state.
+
+Two ways to build one:
+  Hugging Face families  forward hooks record each decoder layer's call (input, other arguments) and output;
+                         resuming re-calls the later layers with the recorded arguments on the new input.
+  layerwise models       the residual scheme's own steps (`start` / `step` / `readout`, see
+                         `layerwise.nn.residual`), so every scheme works, AttnRes included. There h_l is
+                         `readout(state_l)`: the hidden state the final norm would read if the network stopped
+                         before layer l (for the standard scheme, the residual stream itself; under AttnRes,
+                         the final depth-attention over the sources that exist at that point). Skipping a layer
+                         means its sublayers neither run nor add sources; every other sublayer keeps its own
+                         depth-attention query.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..nn.norms import at_least_float32
+from .adapters import DepthView
+
+
+@dataclass
+class SublayerIO:
+    """What a layer's attention and MLP sublayers read (before any norm) and what they added."""
+
+    attn_in: torch.Tensor
+    attn_out: torch.Tensor
+    mlp_in: torch.Tensor
+    mlp_out: torch.Tensor
+
+
+@dataclass
+class DepthTrace:
+    hidden: list[torch.Tensor]  # h_0..h_L, [B, T, d] each
+    logits: torch.Tensor  # [B, T, V], float32
+    sublayers: list[SublayerIO] | None  # None where a layer has no mid-point (parallel attention + MLP)
+    attention_entropy: torch.Tensor | None  # [L]: sum over batch and positions of the head-mean entropy (nats)
+    resume: Callable[[int, int], list[torch.Tensor]]  # (first, count) -> h'_{first+count}, ..., h'_L
+
+
+def attention_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Sum over batch and query positions of the head-mean entropy -sum_k p log p of [B, H, Tq, Tk] weights."""
+    probs = at_least_float32(probs)
+    return -torch.special.xlogy(probs, probs).sum(-1).mean(1).sum()
+
+
+def _hidden(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+@contextmanager
+def eager_attention(model):
+    """Run an HF model with eager attention, whose modules return their attention weights (SDPA's do not)."""
+    original = model.config._attn_implementation
+    if original == "eager":
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(original)
+
+
+class _LayerCalls:
+    """Hooks that keep one batch's decoder-layer calls (args, kwargs), outputs, mid-residuals and entropies."""
+
+    def __init__(self, view: DepthView, entropy: bool):
+        self.view, self.entropy = view, entropy
+        self.calls, self.outputs, self.mids, self.entropies, self.handles = {}, {}, {}, {}, []
+
+    def __enter__(self):
+        for i, layer in enumerate(self.view.layers):
+            mid = self.view.mid_residual(layer)
+            if mid is not None:
+                self.handles.append(mid.register_forward_pre_hook(
+                    lambda m, args, i=i: self.mids.__setitem__(i, args[0])))
+            if self.entropy:
+                self.handles.append(self.view.attention(layer).register_forward_hook(
+                    lambda m, args, out, i=i: self.entropies.__setitem__(i, attention_entropy(out[1]))))
+            self.handles.append(layer.register_forward_pre_hook(
+                lambda m, args, kwargs, i=i: self.calls.__setitem__(i, (args, kwargs)), with_kwargs=True))
+            self.handles.append(layer.register_forward_hook(
+                lambda m, args, out, i=i: self.outputs.__setitem__(i, _hidden(out))))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+    def input(self, i: int) -> torch.Tensor:
+        args, kwargs = self.calls[i]
+        return args[0] if args else kwargs["hidden_states"]
+
+    def rerun(self, i: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Layer i on a different input, with the exact other arguments it got in the recorded pass."""
+        args, kwargs = self.calls[i]
+        if args:
+            return _hidden(self.view.layers[i](hidden, *args[1:], **kwargs))
+        return _hidden(self.view.layers[i](*args, **{**kwargs, "hidden_states": hidden}))
+
+
+def hf_trace(model, view: DepthView, ids: torch.Tensor, entropy: bool = True) -> DepthTrace:
+    L = len(view.layers)
+    with (eager_attention(model) if entropy else _nothing()), _LayerCalls(view, entropy) as rec:
+        logits = at_least_float32(model(input_ids=ids, use_cache=False).logits)
+    hidden = [rec.input(i) for i in range(L)] + [rec.outputs[L - 1]]
+    sublayers = None
+    if len(rec.mids) == L:
+        sublayers = [SublayerIO(hidden[i], rec.mids[i] - hidden[i], rec.mids[i], hidden[i + 1] - rec.mids[i])
+                     for i in range(L)]
+
+    def resume(first: int, count: int) -> list[torch.Tensor]:
+        h, out = hidden[first], [hidden[first]]
+        for j in range(first + count, L):
+            h = rec.rerun(j, h)
+            out.append(h)
+        return out
+
+    entropies = torch.stack([rec.entropies[i] for i in range(L)]) if entropy else None
+    return DepthTrace(hidden, logits, sublayers, entropies, resume)
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+def _layerwise_entropy_hooks(layers, store: dict):
+    """Attention entropy of layerwise attention from the queries/keys SDPA receives (causal, no padding)."""
+    handles = []
+    for i, layer in enumerate(layers):
+        attn = layer.attn.fn
+        seen = {}
+
+        def on_q(m, args, q, seen=seen):
+            seen["q"] = q
+
+        def on_k(m, args, k, i=i, attn=attn, seen=seen):
+            q = at_least_float32(seen.pop("q"))
+            k = at_least_float32(k).repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=1)
+            scores = q @ k.transpose(-1, -2) / math.sqrt(attn.head_dim)
+            T = scores.shape[-1]
+            causal = torch.ones(T, T, dtype=torch.bool, device=scores.device).tril()
+            store[i] = attention_entropy(scores.masked_fill(~causal, float("-inf")).softmax(-1))
+
+        handles += [attn.hook_q.register_forward_hook(on_q), attn.hook_k.register_forward_hook(on_k)]
+    return handles
+
+
+def layerwise_trace(model, ids: torch.Tensor, entropy: bool = True) -> DepthTrace:
+    inner = model.model
+    scheme, layers = inner.residual, inner.layers
+    L = len(layers)
+    io: dict[tuple[int, str], torch.Tensor] = {}
+    entropies: dict[int, torch.Tensor] = {}
+    handles = []
+    for i, layer in enumerate(layers):
+        for kind, sub in (("attn", layer.attn), ("mlp", layer.mlp)):
+            handles.append(sub.hook_in.register_forward_hook(
+                lambda m, args, x, key=(i, f"{kind}_in"): io.__setitem__(key, x)))
+            handles.append(sub.hook_out.register_forward_hook(
+                lambda m, args, y, key=(i, f"{kind}_out"): io.__setitem__(key, y)))
+    if entropy:
+        handles += _layerwise_entropy_hooks(layers, entropies)
+    try:
+        h, ctx = inner.embed(input_ids=ids)
+        states = [scheme.start(h)]
+        for i, layer in enumerate(layers):
+            states.append(scheme.step(states[-1], i, layer, ctx))
+    finally:
+        for handle in handles:
+            handle.remove()
+    hidden = [scheme.readout(state) for state in states]
+    logits = at_least_float32(model.lm_head(inner.norm(hidden[-1])))
+    sublayers = [SublayerIO(io[i, "attn_in"], io[i, "attn_out"], io[i, "mlp_in"], io[i, "mlp_out"]) for i in range(L)]
+
+    def resume(first: int, count: int) -> list[torch.Tensor]:
+        state, out = states[first], [hidden[first]]
+        for j in range(first + count, L):
+            state = scheme.step(state, j, layers[j], ctx)
+            out.append(scheme.readout(state))
+        return out
+
+    return DepthTrace(hidden, logits, sublayers,
+                      torch.stack([entropies[i] for i in range(L)]) if entropy else None, resume)
+
+
+def trace(model, view: DepthView, ids: torch.Tensor, entropy: bool = True) -> DepthTrace:
+    if view.family == "layerwise":
+        return layerwise_trace(model, ids, entropy)
+    return hf_trace(model, view, ids, entropy)

@@ -1,0 +1,48 @@
+"""`layerwise prune`: delete decoder layers from a model and save the result as a normal HF checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+console = Console()
+
+
+def prune_command(
+    model: str = typer.Argument(..., help="HF model folder, .gguf file, or layerwise run/checkpoint folder."),
+    drop: str = typer.Option(..., "--drop", help="Layers to delete, 0-based, as a comma list with INCLUSIVE "
+                                                 "ranges: 14,20-23 deletes layers 14, 20, 21, 22 and 23."),
+    out: Path = typer.Option(..., "--out", help="Folder for the pruned model (safetensors) and its tokenizer."),
+):
+    """Delete decoder layers and save a normal model: it loads with from_pretrained and generates with a cache.
+
+    Layer indices count from 0 (layer 0 is the first decoder layer after the embedding) and a range a-b includes
+    both a and b, unlike mergekit's end-exclusive layer_range. The saved config.json lists the deleted layers
+    under layerwise_dropped_layers.
+
+    Example: layerwise prune path/to/SmolLM2-135M-Instruct.Q4_1.gguf --drop 14,20-23 --out runs/smollm2-25l
+    """
+    from ..diagnose.load import load_model
+    from .prune import DROPPED_LAYERS_KEY, drop_layers, parse_layer_list, save_pruned
+
+    try:
+        layers = parse_layer_list(drop)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--drop") from None
+    if Path(model).resolve() == out.resolve():
+        raise typer.BadParameter("must differ from MODEL: the pruned model would overwrite the original",
+                                 param_hint="--out")
+    with console.status(f"loading {model} ..."):
+        net, tokenizer = load_model(model)
+    n_before = net.config.num_hidden_layers
+    drop_layers(net, layers)
+    with console.status(f"saving to {out} ..."):
+        save_pruned(net, tokenizer, out)
+    console.print(f"removed layers {', '.join(map(str, layers))} (0-based) of {n_before}; "
+                  f"{net.config.num_hidden_layers} remain")
+    dropped = getattr(net.config, DROPPED_LAYERS_KEY)
+    if dropped != layers:  # the input was already pruned: say what is gone relative to the original
+        console.print(f"layers removed from the original model so far: {', '.join(map(str, dropped))}")
+    console.print(f"outputs: {out} (load with AutoModelForCausalLM.from_pretrained)")
