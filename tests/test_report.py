@@ -74,7 +74,8 @@ def test_report_of_a_real_tiny_model_diagnosis_is_self_contained_and_charts_ever
 
 def test_synthetic_diagnosis_names_layer_3_cheapest_and_the_low_angular_run(tmp_path):
     diagnosis = synthetic()
-    (tmp_path / "eval.json").write_text(json.dumps({"lambada": {"metrics": {"acc": 0.41, "ppl": 22.5}, "n": 500}}))
+    (tmp_path / "eval.json").write_text(json.dumps({"model": "m.gguf", "tasks": {  # as `layerwise eval` writes it
+        "lambada": {"metrics": {"acc": 0.41, "ppl": 22.5}, "n": 500}}}))
     page = write_report(diagnosis, tmp_path).read_text()   # a dict: eval.json is looked up in out_dir
     report = json.loads((tmp_path / "report.json").read_text())
     summary = " ".join(report["summary"])

@@ -10,8 +10,10 @@ from typing import Optional
 import torch
 import typer
 from rich.console import Console
+from rich.progress import track
 from rich.table import Table
 
+from .evaluate.cli import eval_command
 from .report.cli import report_command
 from .transform.cli import prune_command
 
@@ -164,9 +166,10 @@ def diagnose(
     with console.status(f"loading {model} ..."):
         net, tokenizer = load_model(model)
         ids = load_tokens(data, tokenizer, tokens)
-    with console.status(f"diagnosing {len(ids):,} tokens ..."):
-        result = run_diagnosis(net, token_batches(ids, seq_len, batch_size, tokens), n_span=n_span, removal=removal,
-                               attention_entropy=entropy)
+    batches = list(token_batches(ids, seq_len, batch_size, tokens))
+    progress = track(batches, description=f"diagnosing {sum(b.numel() for b in batches):,} tokens",
+                     console=console, transient=True)
+    result = run_diagnosis(net, progress, n_span=n_span, removal=removal, attention_entropy=entropy)
     out.mkdir(parents=True, exist_ok=True)
     (out / "diagnosis.json").write_text(json.dumps({"model": str(model), **result.to_json()}, indent=1))
     page = write_report(out / "diagnosis.json", out)
@@ -183,6 +186,7 @@ def diagnose(
     console.print(f"outputs: {out / 'diagnosis.json'}, {page}")
 
 
+app.command("eval")(eval_command)
 app.command("report")(report_command)
 app.command("prune")(prune_command)
 

@@ -120,7 +120,8 @@ def load_evals(path: Path) -> dict | None:
         raise ValueError(f"{path} is not valid JSON ({err})") from None
     if not isinstance(evals, dict):
         raise ValueError(f"{path} should map task names to results, got a {type(evals).__name__}")
-    return evals
+    # `layerwise eval --out` writes {"model": ..., "tasks": {task: result}}; a bare {task: result} also works.
+    return evals.get("tasks", evals)
 
 
 def _is_value(x) -> bool:

