@@ -1,6 +1,7 @@
-"""bench/throughput.py must keep running (CPU smoke configuration); its numbers live in docs/benchmarks.md."""
+"""The bench/ scripts must keep running (CPU smoke configurations); their numbers live in docs/benchmarks.md."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 
@@ -25,3 +26,24 @@ def test_trainer_benchmark_reports_data_share_and_ratio_to_the_bare_step():
     result = module.main(["--size", "tiny", "--batch", "4", "--seq", "64", "--steps", "30"])
     assert result["trainer_tokens_per_s"] > 0 and result["bare_tokens_per_s"] > 0
     assert 0 <= result["data_fraction"] < 0.5 and result["trainer_vs_bare"] > 0
+
+
+def test_diagnose_benchmark_measures_ours_and_naive_and_they_agree_on_removal(tmp_path):
+    path = Path(__file__).parents[1] / "bench" / "diagnose.py"
+    spec = importlib.util.spec_from_file_location("diagnose_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    # In-process for speed; the CPU default (one subprocess per measurement) is the same `measure` per row.
+    module.main(["--model", "tiny-random", "--tokens", "512", "--seq-len", "64", "--batch-size", "2",
+                 "--n-span", "2", "--naive-removal-layers", "3", "--threads", "1", "--no-subprocess",
+                 "--json", str(tmp_path / "d.json")])
+    result = json.loads((tmp_path / "d.json").read_text())
+    rows = result["measurements"]
+    assert {row["method"] for row in rows.values()} == {"ours", "ours+removal", "naive-hidden-states", "naive-removal"}
+    assert all(row["seconds"] > 0 for row in rows.values())
+    ours, naive = rows["full"]["values"], rows["naive_b"]["values"]
+    assert len(naive["layers"]) == 3 and result["naive_removal_extrapolated"]
+    for s, delta in zip(naive["layers"], naive["removal_delta_loss"]):  # a skipped layer changes the loss ...
+        assert abs(delta) > 1e-4 and abs(ours["removal_delta_loss"][s] - delta) < 1e-5  # ... by the same amount
+    assert result["agreement"]["span_removal_delta_loss"] < 1e-5
+    assert result["agreement"]["angular_distance_layers_0_to_L-2"] < 1e-5

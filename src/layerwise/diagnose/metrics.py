@@ -191,6 +191,7 @@ def diagnose(model, batches: Iterable[torch.Tensor], n_span: int = 4, removal: b
         _logit_lens(result, t, view, targets, B * T)
         if removal:
             _removal(result, t, view, targets, n_span, B * T)
+        del t  # this batch's states and logits go before the next forward, not after it (peak memory)
     if result.tokens == 0:
         raise ValueError("no batches to diagnose")
     return result
