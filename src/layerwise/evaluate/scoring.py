@@ -14,6 +14,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..nn.norms import at_least_float32  # log-softmax in bf16 would cost ~0.01 nats per token
+
 Progress = Callable[[int, int], None]  # (done, total) in the task's own unit: prompts or windows
 
 
@@ -45,11 +47,6 @@ def evaluation_mode(model: torch.nn.Module) -> Iterator[None]:
             yield
     finally:
         model.train(was_training)
-
-
-def at_least_float32(x: torch.Tensor) -> torch.Tensor:
-    """Log-softmax needs float32 or better: bf16 logits would cost ~0.01 nats per token (float64 stays)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
