@@ -515,9 +515,9 @@ def summarise(rows, args, config: dict, argv) -> dict:
                      "fragmentation moved the peak of identical runs by up to a few hundred MB here. † seconds "
                      "from a memory run, slower than a timed run by the fixed threshold's page faults.")
     notes += [
-        f"Work done: ours' one pass also computes span distances, contributions and the logit lens (L head "
-        f"evaluations over the vocabulary); naive (a) computes only angular distance, BI and RMS. Ours' sweep "
-        f"also scores KL to the full model; naive (b) scores the loss only.",
+        "Work done: ours' one pass also computes span distances, contributions and the logit lens (L head "
+        "evaluations over the vocabulary); naive (a) computes only angular distance, BI and RMS. Ours' sweep "
+        "also scores KL to the full model; naive (b) scores the loss only.",
         "Agreement (max |ours - naive|): " + ", ".join(f"{k} {fmt(v, '.2e')}" for k, v in agreement.items()) + ".",
         f"Angular distance and BI are compared on layers 0..L-2, RMS on 0..L-1: HF's last hidden state is "
         f"after the final norm (pitfall §6.1), so naive (a)'s last-layer values are not the last layer's own "

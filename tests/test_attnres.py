@@ -42,21 +42,8 @@ def _model(residual, n_layers=3, queries="random", **overrides):
 
 
 def _embed_and_context(model, ids):
-    """Run the model once with hooks to capture the embedding output and the forward context."""
-    captured = {}
-    residual = model.model.residual
-    original = residual.forward
-
-    def spy(h, layers, ctx):
-        captured["h"], captured["ctx"] = h, ctx
-        return original(h, layers, ctx)
-
-    residual.forward = spy
-    try:
-        model(ids)
-    finally:
-        residual.forward = original
-    return captured["h"], captured["ctx"]
+    """The embedding output and the forward context, exactly as the model's forward makes them."""
+    return model.model.embed(input_ids=ids)
 
 
 def reference_block_attnres(model, ids, block_size):
@@ -196,6 +183,7 @@ def _stream_at_layer_starts(model, ids):
     for sub in sublayers(model.model.layers):
         original = sub.branch
         sub.branch = (lambda orig: lambda x, ctx: (outputs.append(o := orig(x, ctx)), o)[1])(original)
+    model(ids)  # one forward fills `outputs` through the wrapped branches
     e, _ = _embed_and_context(model, ids)
     h = e
     for k in range(len(model.model.layers)):

@@ -20,7 +20,7 @@ Two ways to build one:
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -113,7 +113,7 @@ class _LayerCalls:
 
 def hf_trace(model, view: DepthView, ids: torch.Tensor, entropy: bool = True) -> DepthTrace:
     L = len(view.layers)
-    with (eager_attention(model) if entropy else _nothing()), _LayerCalls(view, entropy) as rec:
+    with eager_attention(model) if entropy else nullcontext(), _LayerCalls(view, entropy) as rec:
         logits = at_least_float32(model(input_ids=ids, use_cache=False).logits)
     hidden = [rec.input(i) for i in range(L)] + [rec.outputs[L - 1]]
     sublayers = None
@@ -130,11 +130,6 @@ def hf_trace(model, view: DepthView, ids: torch.Tensor, entropy: bool = True) ->
 
     entropies = torch.stack([rec.entropies[i] for i in range(L)]) if entropy else None
     return DepthTrace(hidden, logits, sublayers, entropies, resume)
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 def _layerwise_entropy_hooks(layers, store: dict):
