@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from layerwise.diagnose import depth_view, diagnose
-from layerwise.diagnose.load import load_model, load_tokens, smollm2_gguf
+from layerwise.loading import load_model, load_tokens, smollm2_gguf
 from layerwise.diagnose.metrics import token_batches
 
 COMPARED = ("angular_distance", "block_influence", "hidden_rms", "loss", "removal_delta_loss",

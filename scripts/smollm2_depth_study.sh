@@ -11,7 +11,7 @@ FULL_LIMIT=${FULL_LIMIT:-2000}     # HellaSwag items for the full model (the pub
 PRUNED_LIMIT=${PRUNED_LIMIT:-300}  # items per task for each pruned model (the first items of the same order)
 PY=${PY:-.venv/bin/python}
 LW=${LW:-.venv/bin/layerwise}
-GGUF=$($PY -c "from layerwise.diagnose.load import smollm2_gguf; print(smollm2_gguf())")
+GGUF=$($PY -c "from layerwise.loading import smollm2_gguf; print(smollm2_gguf())")
 mkdir -p "$OUT"
 stamp() { date -u +%H:%M:%S; }
 

@@ -3,7 +3,7 @@
 import json
 
 from layerwise.data.build import build_corpus
-from layerwise.train.compare import compare
+from layerwise.compare import compare
 from layerwise.train.config import TrainConfig
 
 

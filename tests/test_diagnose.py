@@ -272,7 +272,7 @@ def test_token_batches_are_consecutive_windows_up_to_the_budget():
 
 
 def _smollm2_gguf():
-    from layerwise.diagnose.load import smollm2_gguf
+    from layerwise.loading import smollm2_gguf
 
     try:
         return smollm2_gguf()

@@ -252,7 +252,7 @@ def test_eval_command_rejects_an_unknown_task(model_folder, tmp_path):
 
 
 def test_smollm2_scores_lambada_like_a_trained_model():
-    from layerwise.diagnose.load import load_model, smollm2_gguf
+    from layerwise.loading import load_model, smollm2_gguf
 
     try:
         path = smollm2_gguf()

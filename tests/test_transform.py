@@ -246,7 +246,7 @@ def test_prune_command_writes_a_loadable_model_and_says_what_it_removed(tmp_path
 # ---- a real pretrained model ----------------------------------------------------------------------------------
 
 def test_smollm2_pruned_and_saved_reloads_with_identical_logits(tmp_path):
-    from layerwise.diagnose.load import load_model, smollm2_gguf
+    from layerwise.loading import load_model, smollm2_gguf
 
     try:
         path = smollm2_gguf()

@@ -41,7 +41,8 @@ def presets(
 
     Example: layerwise presets --size 124m
     """
-    from . import LayerwiseForCausalLM, ModelConfig
+    from .config import ModelConfig
+    from .model import LayerwiseForCausalLM
     from .presets import PRESETS, preset_fields
 
     base = preset_fields("pre-rmsnorm", size)
@@ -129,7 +130,7 @@ def compare(
 
     Example: layerwise compare --presets pre-ln,lns,peri-ln,block-attnres --max-tokens 1M --out runs/cmp
     """
-    from .train.compare import compare as run_compare
+    from .compare import compare as run_compare
 
     cfg = _train_config(config, dict(size=size, data=data, max_tokens=max_tokens, batch_size=batch_size,
                                      seq_len=seq_len, lr=lr, schedule=schedule, compile=compile), sets)
@@ -159,7 +160,7 @@ def diagnose(
     Example: layerwise diagnose path/to/SmolLM2-135M-Instruct.Q4_1.gguf --tokens 16384 --out runs/diag
     """
     from .diagnose import diagnose as run_diagnosis
-    from .diagnose.load import load_model, load_tokens
+    from .loading import load_model, load_tokens
     from .diagnose.metrics import token_batches
     from .report.diagnosis import write_report
 

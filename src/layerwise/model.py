@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
@@ -182,3 +182,10 @@ class LayerwiseForCausalLM(LayerwisePreTrainedModel, GenerationMixin):
         logits = self.lm_head(h)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+
+
+# Importing the model registers it, so `AutoModelForCausalLM.from_pretrained(folder)` loads layerwise
+# checkpoints without trust_remote_code.
+AutoConfig.register(ModelConfig.model_type, ModelConfig, exist_ok=True)
+AutoModel.register(ModelConfig, LayerwiseModel, exist_ok=True)
+AutoModelForCausalLM.register(ModelConfig, LayerwiseForCausalLM, exist_ok=True)

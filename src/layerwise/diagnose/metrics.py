@@ -38,8 +38,8 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-from ..nn.norms import at_least_float32
-from .adapters import depth_view
+from ..arch import depth_view
+from ..numerics import at_least_float32
 from .trace import DepthTrace, trace
 
 # Metrics compared with removal_delta_loss by `rank_correlation` (all grow with a layer's change of h).

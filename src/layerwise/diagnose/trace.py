@@ -26,8 +26,8 @@ from typing import Callable
 
 import torch
 
-from ..nn.norms import at_least_float32
-from .adapters import DepthView
+from ..arch import DepthView
+from ..numerics import at_least_float32
 
 
 @dataclass

@@ -50,7 +50,7 @@ def eval_command(
 
     Perplexity needs a shard made with the model's tokenizer: --tasks perplexity --data data/large/val.bin
     """
-    from ..diagnose.load import load_model
+    from ..loading import load_model
 
     names = parse_tasks(tasks if tasks is not None else
                         ("perplexity,lambada,hellaswag" if data is not None else "lambada,hellaswag"))

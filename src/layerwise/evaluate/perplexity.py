@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.shards import read_shard
-from ..nn.norms import at_least_float32
+from ..numerics import at_least_float32
 from .result import EvalResult, perplexity_of
 from .scoring import Progress, evaluation_mode, model_device, model_max_length
 

@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..nn.norms import at_least_float32  # log-softmax in bf16 would cost ~0.01 nats per token
+from ..numerics import at_least_float32  # log-softmax in bf16 would cost ~0.01 nats per token
 
 Progress = Callable[[int, int], None]  # (done, total) in the task's own unit: prompts or windows
 

@@ -12,15 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..numerics import at_least_float32
 from .registry import Registry
 
 NORMS: Registry[nn.Module] = Registry("norm", "norm")
 register_norm = NORMS.register
-
-
-def at_least_float32(x: torch.Tensor) -> torch.Tensor:
-    """x in float32, or float64 if it already is: statistics never run in bf16, and float64 checks stay exact."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from .hooks import HookPoint
-from .norms import RMSNorm, at_least_float32
+from ..numerics import at_least_float32
+from .norms import RMSNorm
 from .registry import Registry
 
 RESIDUALS: Registry[nn.Module] = Registry("residual scheme", "residual")

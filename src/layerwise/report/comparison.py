@@ -7,24 +7,6 @@ import math
 import statistics
 from pathlib import Path
 
-from ..train.metrics import read_metrics
-
-
-def run_summary(run_dir: Path) -> dict:
-    """Final/best validation loss, throughput and the last depth telemetry of one run folder."""
-    records = read_metrics(run_dir)
-    vals = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
-    if not vals:
-        raise ValueError(f"{run_dir}/metrics.jsonl has no val_loss record; did the run finish?")
-    speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
-    telemetry = [r["telemetry"] for r in records if "telemetry" in r]
-    model_cfg = json.loads((Path(run_dir) / "model_config.json").read_text())
-    return {
-        "run": str(run_dir), "final_val_loss": vals[-1][1], "best_val_loss": min(v for _, v in vals),
-        "tokens": vals[-1][0], "tokens_per_s": statistics.median(speeds) if speeds else None,
-        "val_curve": vals, "train_curve": [(r["tokens"], r["train_loss"]) for r in records if "train_loss" in r],
-        "telemetry": telemetry[-1] if telemetry else None, "preset": model_cfg.get("preset"),
-    }
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

@@ -11,31 +11,19 @@ It is written into a temporary folder and renamed into place, so a folder with a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-MANIFEST = "MANIFEST.json"
-PREFIX = "step_"
+from ..runs import (MANIFEST, PREFIX, CorruptCheckpoint, latest_valid_checkpoint, list_checkpoints, sha256_of,
+                    verify_checkpoint)
 
-
-class CorruptCheckpoint(ValueError):
-    pass
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
+__all__ = ["CorruptCheckpoint", "latest_valid_checkpoint", "list_checkpoints", "load_checkpoint", "save_checkpoint",
+           "verify_checkpoint"]
 
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -110,7 +98,7 @@ def save_checkpoint(root: Path, step: int, model, optimizer, trainer_state: dict
     for path in sorted(tmp.iterdir()):
         with open(path, "rb") as f:
             os.fsync(f.fileno())
-        files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        files[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
     (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
     with open(tmp / MANIFEST, "rb") as f:
         os.fsync(f.fileno())
@@ -121,45 +109,6 @@ def save_checkpoint(root: Path, step: int, model, optimizer, trainer_state: dict
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def list_checkpoints(root: Path) -> list[Path]:
-    """Checkpoint folders under root/checkpoints, oldest first (temporary folders are ignored)."""
-    ckpt_dir = Path(root) / "checkpoints"
-    if not ckpt_dir.is_dir():
-        return []
-    return sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
-
-
-def verify_checkpoint(path: Path) -> dict:
-    """The manifest of a complete, uncorrupted checkpoint; CorruptCheckpoint saying what is wrong otherwise."""
-    manifest_path = path / MANIFEST
-    if not manifest_path.exists():
-        raise CorruptCheckpoint(f"{path}: no {MANIFEST} (the write did not finish)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CorruptCheckpoint(f"{manifest_path}: unreadable ({err})") from None
-    for name, expected in manifest["files"].items():
-        file = path / name
-        if not file.exists():
-            raise CorruptCheckpoint(f"{file}: missing")
-        if file.stat().st_size != expected["bytes"]:
-            raise CorruptCheckpoint(f"{file}: {file.stat().st_size} bytes, expected {expected['bytes']} (truncated?)")
-        if _sha256(file) != expected["sha256"]:
-            raise CorruptCheckpoint(f"{file}: sha256 mismatch (corrupted)")
-    return manifest
-
-
-def latest_valid_checkpoint(root: Path) -> Path | None:
-    """The newest checkpoint that verifies; corrupt ones are reported and skipped."""
-    for path in reversed(list_checkpoints(root)):
-        try:
-            verify_checkpoint(path)
-            return path
-        except CorruptCheckpoint as err:
-            warnings.warn(f"skipping corrupt checkpoint: {err}; trying the previous one", stacklevel=2)
-    return None
 
 
 def load_checkpoint(path: Path, model, optimizer) -> dict:

@@ -48,10 +48,3 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no metrics.jsonl (is {run_dir} a layerwise run folder?)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -24,7 +24,7 @@ def prune_command(
 
     Example: layerwise prune path/to/SmolLM2-135M-Instruct.Q4_1.gguf --drop 14,20-23 --out runs/smollm2-25l
     """
-    from ..diagnose.load import load_model
+    from ..loading import load_model
     from .prune import DROPPED_LAYERS_KEY, drop_layers, parse_layer_list, save_pruned
 
     try:

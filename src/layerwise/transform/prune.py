@@ -17,7 +17,7 @@ from pathlib import Path
 from torch import nn
 from transformers import PreTrainedConfig
 
-from ..diagnose.adapters import depth_view
+from ..arch import depth_view
 
 DROPPED_LAYERS_KEY = "layerwise_dropped_layers"
 # Config lists with one entry per layer (sliding vs full attention, dense vs MoE MLP); sliced to the survivors.
@@ -169,7 +169,7 @@ def _refresh_sliding_flags(model: nn.Module) -> None:
 
 def save_pruned(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
     """Write `model` (safetensors) and `tokenizer` (if not None) to `out_dir`, loadable with
-    `AutoModelForCausalLM.from_pretrained(out_dir)` or `layerwise.diagnose.load.load_model(out_dir)`.
+    `AutoModelForCausalLM.from_pretrained(out_dir)` or `layerwise.loading.load_model(out_dir)`.
 
     A model read from a GGUF file carries GGUF quantization bookkeeping that `save_pretrained` refuses; when its
     weights are already plain floats (GGUF tensors de-quantized at load), that bookkeeping is dropped from the

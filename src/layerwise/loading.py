@@ -1,4 +1,4 @@
-"""Open what `layerwise diagnose` is pointed at: an HF folder, a .gguf file or a layerwise run/checkpoint,
+"""Open what a command is pointed at: an HF folder, a .gguf file or a layerwise run/checkpoint,
 and the tokens to diagnose it on. Everything is local; nothing is fetched from a hub."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import numpy as np
 import torch
 import transformers
 
-import layerwise  # noqa: F401  (registers the layerwise model type)
-
-from ..data.corpus import shakespeare_text
-from ..data.shards import read_shard
+from . import model as _registers_layerwise  # noqa: F401  (model_type "layerwise" with the Auto classes)
+from .data.corpus import shakespeare_text
+from .data.shards import read_shard
+from .runs import latest_valid_checkpoint, run_tokenizer
 
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -42,24 +42,13 @@ def load_model(path: str | Path, dtype=torch.float32):
         model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, dtype=dtype, **kwargs)
         return model, transformers.AutoTokenizer.from_pretrained(path.parent, **kwargs)
     if (path / "checkpoints").is_dir():  # a layerwise run folder: its newest valid checkpoint
-        from ..train.checkpoint import latest_valid_checkpoint
-
         checkpoint = latest_valid_checkpoint(path)
         if checkpoint is None:
             raise FileNotFoundError(f"{path}: no valid checkpoint under checkpoints/")
-        return _load_folder(checkpoint, dtype, tokenizer_from=_run_tokenizer(path))
+        return _load_folder(checkpoint, dtype, tokenizer_from=run_tokenizer(path))
     if (path / "config.json").exists():
         return _load_folder(path, dtype)
     raise FileNotFoundError(f"{path}: not a .gguf file, an HF model folder (config.json) or a layerwise run folder")
-
-
-def _run_tokenizer(run: Path) -> Path | None:
-    import yaml
-
-    config = yaml.safe_load((run / "train.yaml").read_text()) if (run / "train.yaml").exists() else {}
-    data = config.get("data")
-    candidate = Path(data) / "tokenizer.json" if data else None
-    return candidate if candidate is not None and candidate.exists() else None
 
 
 def _load_folder(folder: Path, dtype, tokenizer_from: Path | None = None):
@@ -82,7 +71,7 @@ def load_tokens(data: str | Path | None, tokenizer, n_tokens: int) -> np.ndarray
     if data is None:
         text = shakespeare_text()
     else:
-        from ..data.sources import read_text_file
+        from .data.sources import read_text_file
 
         text = read_text_file(Path(data))
     # Tokenize only as much text as the budget needs (about 4 characters per token, with margin).

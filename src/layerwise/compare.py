@@ -7,16 +7,17 @@ from pathlib import Path
 
 from rich.console import Console
 
-from ..report.comparison import run_summary, write_comparison
-from .config import TrainConfig
-from .trainer import train
+from .report.comparison import write_comparison
+from .runs import run_summary
+from .train.config import TrainConfig
+from .train.trainer import train
 
 
 def compare(presets: list[str], seeds: list[int], base: TrainConfig, out: Path,
             console: Console | None = None) -> dict:
     """Runs go to out/<preset>-seed<k>; everything but the preset (and seed) is identical, including the
     batches (they depend only on seed and step). Runs already finished are reused via resume=auto."""
-    from ..config import ModelConfig
+    from .config import ModelConfig
 
     console = console or Console()
     for name in presets:

@@ -1,0 +1,102 @@
+"""Reading run folders: checkpoints (listed, verified), `metrics.jsonl`, the run's configs and tokenizer.
+
+A run folder written by `layerwise train` holds `metrics.jsonl`, `train.yaml`, `model_config.json`,
+`tensorboard/` and `checkpoints/step_XXXXXXX/`. Writing them is the trainer's job (`layerwise.train`); every
+other command reads them through this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import warnings
+from pathlib import Path
+
+MANIFEST = "MANIFEST.json"
+PREFIX = "step_"
+
+
+class CorruptCheckpoint(ValueError):
+    pass
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint folders under root/checkpoints, oldest first (temporary folders are ignored)."""
+    ckpt_dir = Path(root) / "checkpoints"
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """The manifest of a complete, uncorrupted checkpoint; CorruptCheckpoint saying what is wrong otherwise."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.exists():
+        raise CorruptCheckpoint(f"{path}: no {MANIFEST} (the write did not finish)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CorruptCheckpoint(f"{manifest_path}: unreadable ({err})") from None
+    for name, expected in manifest["files"].items():
+        file = path / name
+        if not file.exists():
+            raise CorruptCheckpoint(f"{file}: missing")
+        if file.stat().st_size != expected["bytes"]:
+            raise CorruptCheckpoint(f"{file}: {file.stat().st_size} bytes, expected {expected['bytes']} (truncated?)")
+        if sha256_of(file) != expected["sha256"]:
+            raise CorruptCheckpoint(f"{file}: sha256 mismatch (corrupted)")
+    return manifest
+
+
+def latest_valid_checkpoint(root: Path) -> Path | None:
+    """The newest checkpoint that verifies; corrupt ones are reported and skipped."""
+    for path in reversed(list_checkpoints(root)):
+        try:
+            verify_checkpoint(path)
+            return path
+        except CorruptCheckpoint as err:
+            warnings.warn(f"skipping corrupt checkpoint: {err}; trying the previous one", stacklevel=2)
+    return None
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no metrics.jsonl (is {run_dir} a layerwise run folder?)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_summary(run_dir: Path) -> dict:
+    """Final/best validation loss, throughput and the last depth telemetry of one run folder."""
+    records = read_metrics(run_dir)
+    vals = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
+    if not vals:
+        raise ValueError(f"{run_dir}/metrics.jsonl has no val_loss record; did the run finish?")
+    speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
+    telemetry = [r["telemetry"] for r in records if "telemetry" in r]
+    model_cfg = json.loads((Path(run_dir) / "model_config.json").read_text())
+    return {
+        "run": str(run_dir), "final_val_loss": vals[-1][1], "best_val_loss": min(v for _, v in vals),
+        "tokens": vals[-1][0], "tokens_per_s": statistics.median(speeds) if speeds else None,
+        "val_curve": vals, "train_curve": [(r["tokens"], r["train_loss"]) for r in records if "train_loss" in r],
+        "telemetry": telemetry[-1] if telemetry else None, "preset": model_cfg.get("preset"),
+    }
+
+
+def run_tokenizer(run: Path) -> Path | None:
+    """The tokenizer.json of the corpus a run trained on, if its train.yaml names one that exists."""
+    import yaml
+
+    config = yaml.safe_load((run / "train.yaml").read_text()) if (run / "train.yaml").exists() else {}
+    data = config.get("data")
+    candidate = Path(data) / "tokenizer.json" if data else None
+    return candidate if candidate is not None and candidate.exists() else None
