@@ -1,8 +1,10 @@
-"""Family adapters: where each causal-LM architecture keeps its embedding, layers, norms and head.
+"""Family adapters: where each causal-LM architecture keeps its embedding, layers, norms, linears and head.
 
-Diagnosis, transforms and (later) quantization ask an adapter instead of knowing module names.
+Diagnosis, transforms and (later) norm folding and quantization ask an adapter instead of knowing module names.
 """
 
-from .adapters import SUPPORTED_FAMILIES, DepthView, depth_view
+from .adapters import (FEEDS, LINEAR_GROUPS, ROLES, SUPPORTED_FAMILIES, DepthView, LayerMap, ModelMap, NormSite,
+                       depth_view, model_map)
 
-__all__ = ["DepthView", "depth_view", "SUPPORTED_FAMILIES"]
+__all__ = ["DepthView", "depth_view", "ModelMap", "LayerMap", "NormSite", "model_map", "SUPPORTED_FAMILIES",
+           "ROLES", "FEEDS", "LINEAR_GROUPS"]
