@@ -89,6 +89,48 @@ def test_each_declared_reader_reads_exactly_its_norms_output(case):
     assert mm.final_norm.readers == (mm.head,)
 
 
+def _first(value):
+    return value[0] if isinstance(value, tuple) else value
+
+
+# AttnRes routes each sublayer's input from depth, so the stream identities below do not hold there.
+STANDARD_RESIDUAL = [c for c in CASES if "attnres" not in c]
+
+
+@pytest.mark.parametrize("case", STANDARD_RESIDUAL)
+def test_sublayer_output_norms_are_added_to_the_stream_and_post_add_norms_are_the_stream(case):
+    model = build(case)
+    mm = model_map(model)
+    seen, handles = {}, []
+
+    def keep_input(key):  # HF layers take the stream positionally or as hidden_states
+        return lambda m, args, kwargs: seen.__setitem__(key, args[0] if args else kwargs["hidden_states"])
+
+    def keep_output(key):
+        return lambda m, args, out: seen.__setitem__(key, _first(out))
+
+    for layer in mm.layers:
+        i = layer.index
+        handles += [layer.module.register_forward_pre_hook(keep_input((i, "in")), with_kwargs=True),
+                    layer.module.register_forward_hook(keep_output((i, "out")))]
+        if layer.mid_residual is not None:
+            handles.append(layer.mid_residual.register_forward_pre_hook(keep_input((i, "mid")), with_kwargs=True))
+        for site in layer.norms:
+            handles.append(site.norm.register_forward_hook(keep_output((i, site.role))))
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 128, (2, 12)))
+    for handle in handles:
+        handle.remove()
+    for layer in mm.layers:
+        i = layer.index
+        for site in layer.norms:
+            if site.feeds not in ("residual", "stream"):
+                continue
+            before, after = {"attn_out": ((i, "in"), (i, "mid")), "mlp_out": ((i, "mid"), (i, "out"))}[site.role]
+            added = seen[before] + seen[i, site.role] if site.feeds == "residual" else seen[i, site.role]
+            assert torch.equal(seen[after], added), f"layer {i} {site.role} does not feed the stream as declared"
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_every_norm_is_declared_exactly_once_with_a_known_role_and_destination(case):
     model = build(case)
