@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .adapters import LINEAR_GROUPS, LayerMap, ModelMap, NormSite
+from .maps import LINEAR_GROUPS, DepthView, LayerMap, ModelMap, NormSite
 
 
 def _present(module: nn.Module | None) -> bool:
@@ -32,7 +32,7 @@ def _sublayer_norms(kind: str, sub: nn.Module, readers: tuple[nn.Module, ...]) -
 
 
 def _layer_map(model: nn.Module, i: int, layer: nn.Module) -> LayerMap:
-    attn, mlp = layer.attn.fn, layer.mlp.fn
+    attn, mlp = _attention(layer), layer.mlp.fn
     linears = dict.fromkeys(LINEAR_GROUPS, ())
     linears.update(attn_in=tuple(attn.input_projections()), attn_out=(attn.output_projection(),),
                    mlp_in=tuple(mlp.input_projections()), mlp_out=(mlp.output_projection(),),
@@ -41,8 +41,16 @@ def _layer_map(model: nn.Module, i: int, layer: nn.Module) -> LayerMap:
     if attn.q_norm is not None:
         norms += [NormSite("q_norm", attn.q_norm, "scores"), NormSite("k_norm", attn.k_norm, "scores")]
     norms += _sublayer_norms("mlp", layer.mlp, linears["mlp_in"])
+    return LayerMap(i, layer, tuple(norms), linears, attn, _mid_residual(layer))
+
+
+def _mid_residual(layer: nn.Module) -> nn.Module:
     # The MLP's hook_in sees h + a (the stream under a standard residual, the routed input under AttnRes).
-    return LayerMap(i, layer, tuple(norms), linears, attn, layer.mlp.hook_in)
+    return layer.mlp.hook_in
+
+
+def _attention(layer: nn.Module) -> nn.Module:
+    return layer.attn.fn
 
 
 def layerwise_model_map(model: nn.Module) -> ModelMap:
@@ -56,3 +64,9 @@ def layerwise_model_map(model: nn.Module) -> ModelMap:
     extra += [NormSite("depth_key", mixer.key_norm, "scores") for mixer in mixers]
     final = NormSite("final", inner.norm, "linears", (model.lm_head,))
     return ModelMap("layerwise", inner.embed_tokens, layers, final, model.lm_head, tuple(extra))
+
+
+def layerwise_depth_view(model: nn.Module) -> DepthView:
+    inner = model.model
+    return DepthView("layerwise", inner.layers, inner.norm, model.lm_head, inner.embed_tokens,
+                     mid_residual=_mid_residual, attention=_attention)
