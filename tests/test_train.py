@@ -214,3 +214,18 @@ def test_weight_decay_skips_norms_biases_embeddings_and_attnres_queries():
     assert any(n.endswith(".query") for n in kept) and any(n.endswith(".bias") for n in kept)
     assert all(p.ndim == 2 for p in decay["params"]) and "model.layers.0.attn.fn.q_proj.weight" in decayed
     assert not any(n.endswith(".query") or "norm" in n for n in decayed)
+
+
+def test_seednorm_alpha_and_beta_are_decayed_and_its_gamma_is_not():
+    """SeeDNorm's paper decays alpha and beta; gamma follows the baseline's (undecayed) norm-gain policy."""
+    from layerwise import LayerwiseForCausalLM, ModelConfig
+
+    model = LayerwiseForCausalLM(ModelConfig.from_preset("seednorm", "tiny"))
+    decay, keep = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names[id(p)] for p in keep["params"]}
+    seednorm = [n.removesuffix(".alpha") for n in names.values() if n.endswith(".alpha")]
+    assert seednorm and "model.norm" in seednorm  # every norm, the final one included
+    for norm in seednorm:
+        assert {f"{norm}.alpha", f"{norm}.beta"} <= decayed and f"{norm}.weight" in kept
