@@ -64,12 +64,27 @@ def reference_block_attnres(model, ids, block_size):
     return model.lm_head(model.model.norm(h))
 
 
-@pytest.mark.parametrize("n_blocks", [1, 2, 3, 6])
+@pytest.mark.parametrize("n_blocks", [1, 2, 4, 8])
 @pytest.mark.parametrize("queries", ["zero", "random"])
 def test_block_attnres_matches_the_block_formula(n_blocks, queries):
-    model = _model("block_attnres", n_layers=3, attnres_blocks=n_blocks, queries=queries)
+    model = _model("block_attnres", n_layers=4, attnres_blocks=n_blocks, queries=queries)
     ids = torch.randint(0, 256, (2, 9))
-    torch.testing.assert_close(model(ids).logits, reference_block_attnres(model, ids, 6 // n_blocks))
+    torch.testing.assert_close(model(ids).logits, reference_block_attnres(model, ids, 8 // n_blocks))
+
+
+@pytest.mark.parametrize("n_layers,n_blocks", [(3, 2), (6, 4), (12, 8)])
+def test_block_attnres_refuses_blocks_that_split_a_layer(n_layers, n_blocks):
+    """Blocks hold whole layers (spec 9.2: P = S/2 layers per block); 12 layers in 8 blocks would be 3 sublayers each."""
+    with pytest.raises(ValueError, match=rf"ModelConfig\.attnres_blocks={n_blocks} .*split a layer"):
+        _model("block_attnres", n_layers=n_layers, attnres_blocks=n_blocks)
+
+
+@pytest.mark.parametrize("size", ["tiny", "124m", "350m", "1b"])
+def test_block_attnres_preset_puts_whole_layers_in_each_block_with_n_nearest_8(size):
+    cfg = ModelConfig.from_preset("block-attnres", size)
+    n_layers, n_blocks = cfg.n_layers, cfg.attnres_blocks
+    assert n_layers % n_blocks == 0  # 2L / N sublayers per block is even
+    assert n_blocks == {"tiny": 4, "124m": 6, "350m": 8, "1b": 8}[size]
 
 
 def reference_full_attnres(model, ids):
@@ -96,7 +111,7 @@ def test_block_attnres_with_one_sublayer_per_block_equals_full_attnres():
     torch.testing.assert_close(block(ids).logits, full(ids).logits, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("n_layers,n_blocks", [(6, 12), (6, 6), (6, 4), (6, 3), (6, 2), (6, 1), (4, 8), (5, 5)])
+@pytest.mark.parametrize("n_layers,n_blocks", [(6, 12), (6, 6), (6, 3), (6, 2), (6, 1), (4, 8), (5, 5), (27, 9)])
 def test_block_attnres_output_reads_floor_of_l_minus_1_over_p_plus_2_sources(n_layers, n_blocks):
     model = _model("block_attnres", n_layers=n_layers, attnres_blocks=n_blocks, queries="zero")
     counts = []

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from layerwise import LayerwiseForCausalLM, ModelConfig
 from layerwise.nn.attention import ForwardContext, rope_cos_sin
-from layerwise.nn.block import BHyTParallelLayer, Layer
+from layerwise.nn.block import BHyTParallelLayer, Layer, refresh_attention_gains
 from layerwise.nn.norms import (BHyT, DyT, FrozenScaleNorm, LayerNorm, RMSNorm, SeeDNorm, approximate_mean_square,
                                 attention_output_gain)
 
@@ -285,6 +285,7 @@ def test_bhyt_parallel_layer_matches_the_papers_block_computation():
     T = 9
     x, ctx = x64(2, T, 128), _ctx(T)
     with torch.no_grad():
+        layer.refresh_attention_gain(T)
         out = layer(x, ctx)
         c = _reference_gain(layer.attn.fn.v_proj.weight, layer.attn.fn.o_proj.weight, 4, T)
         torch.testing.assert_close(layer.attn_gain, c, **TIGHT)
@@ -295,17 +296,41 @@ def test_bhyt_parallel_layer_matches_the_papers_block_computation():
         assert not torch.allclose(exact_ms, x.pow(2).mean(-1, keepdim=True) + c * 2.7**2 / 100, rtol=1e-3)
 
 
-def test_bhyt_parallel_gain_is_computed_at_the_first_forward_and_then_kept():
+def test_bhyt_parallel_gain_at_the_first_forward_uses_max_seq_len_not_that_forwards_length():
+    short, long = _bhyt_parallel_layer(), _bhyt_parallel_layer()
+    long.load_state_dict(short.state_dict())
+    assert torch.isnan(short.attn_gain)
+    with torch.no_grad():
+        short(x64(2, 5, 128), _ctx(5))
+        long(x64(2, 9, 128), _ctx(9))
+    v, o = short.attn.fn.v_proj.weight, short.attn.fn.o_proj.weight
+    torch.testing.assert_close(short.attn_gain, _reference_gain(v, o, 4, 256), **TIGHT)  # tiny max_seq_len = 256
+    torch.testing.assert_close(long.attn_gain, short.attn_gain, **EXACT)
+
+
+def test_bhyt_parallel_gain_is_kept_until_refreshed_then_follows_the_current_weights():
     layer = _bhyt_parallel_layer()
-    assert torch.isnan(layer.attn_gain)
     x, ctx = x64(2, 9, 128), _ctx(9)
     with torch.no_grad():
         layer(x, ctx)
         c_first = layer.attn_gain.clone()
-        layer.attn.fn.v_proj.weight.mul_(3.0)  # the released code never refreshes c
-        out = layer(x64(2, 5, 128), _ctx(5))  # nor for another sequence length
-    torch.testing.assert_close(layer.attn_gain, c_first, **EXACT)
-    assert torch.isfinite(out).all()
+        layer.attn.fn.v_proj.weight.mul_(3.0)
+        layer(x, ctx)
+        torch.testing.assert_close(layer.attn_gain, c_first, **EXACT)  # a forward never recomputes c
+        refresh_attention_gains(layer, 64)
+    v, o = layer.attn.fn.v_proj.weight, layer.attn.fn.o_proj.weight
+    torch.testing.assert_close(layer.attn_gain, _reference_gain(v, o, 4, 64), **TIGHT)
+    torch.testing.assert_close(layer.attn_gain, c_first * 9 * 256 / 64, **TIGHT)  # W_V x 3, T 256 -> 64
+
+
+def test_bhyt_parallel_gain_loaded_from_a_state_dict_is_kept():
+    trained, loaded = _bhyt_parallel_layer(), _bhyt_parallel_layer()
+    with torch.no_grad():
+        trained.refresh_attention_gain(64)
+    loaded.load_state_dict(trained.state_dict())  # the `attn_gain` key of every saved checkpoint
+    with torch.no_grad():
+        loaded(x64(2, 9, 128), _ctx(9))
+    torch.testing.assert_close(loaded.attn_gain, trained.attn_gain, **EXACT)
 
 
 def test_bhyt_approximate_variance_tracks_the_exact_one_at_init():
@@ -318,6 +343,7 @@ def test_bhyt_approximate_variance_tracks_the_exact_one_at_init():
     T = 64) since causal attention at init averages t values at position t, not T.
     """
     model = LayerwiseForCausalLM(ModelConfig.from_preset("bhyt", "tiny")).double().eval()
+    refresh_attention_gains(model, 64)  # T = the sequence length, as the trainer sets it
     seen = {}
     for layer in model.model.layers:
         layer.attn.hook_in.register_forward_hook(lambda m, a, out, i=layer.layer_idx: seen.__setitem__(("h", i), out))

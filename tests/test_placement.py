@@ -96,8 +96,10 @@ def test_lns_combined_with_scaled_init_raises_naming_layernorm_scaling():
 # ---- §2: Mix-LN ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n_layers,ratio,post", [(8, 0.25, 2), (12, 0.25, 3), (24, 0.25, 6), (8, 0.0, 0), (8, 1.0, 8)])
+@pytest.mark.parametrize("n_layers,ratio,post", [(8, 0.25, 2), (12, 0.25, 3), (24, 0.25, 6), (8, 0.0, 0), (8, 1.0, 8),
+                                                  (6, 0.25, 1), (7, 0.25, 1), (14, 0.25, 3), (100, 0.29, 29)])
 def test_mixln_puts_post_ln_on_exactly_the_first_ratio_times_l_layers(n_layers, ratio, post):
+    """floor(ratio * L) Post-LN layers, as the paper states; Python's round would give 2, 2 and 4 at L = 6, 7, 14."""
     cfg = ModelConfig.from_preset("mix-ln", "tiny", n_layers=n_layers, mixln_ratio=ratio)
     layouts = layer_layouts(cfg)
     assert MixLN.post_ln_layers(cfg) == post

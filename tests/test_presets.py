@@ -72,6 +72,15 @@ def test_every_preset_is_valid_at_every_size(name):
         assert cfg.preset == name
 
 
+@pytest.mark.parametrize("size", list(SIZES))
+def test_value_residual_presets_differ_from_the_baseline_only_in_the_value_residual(size):
+    """ResFormer, SATFormer and the baseline are compared against each other: one change each, QK-norm alike."""
+    base = preset_fields("pre-rmsnorm", size)
+    for name in ("resformer", "satformer"):
+        fields = preset_fields(name, size)
+        assert {k for k in fields if fields[k] != base.get(k)} == {"preset", "value_residual"}, name
+
+
 def test_every_preset_names_its_paper():
     for preset in PRESETS.values():
         assert "(" in preset.paper and ")" in preset.paper, preset.name

@@ -16,7 +16,7 @@ from layerwise.data.build import build_corpus
 from layerwise.train.checkpoint import CorruptCheckpoint, latest_valid_checkpoint, list_checkpoints, verify_checkpoint
 from layerwise.train.config import TrainConfig, apply_overrides, parse_count
 from layerwise.train.optim import lr_at, param_groups
-from layerwise.train.trainer import TrainingDiverged, Trainer, train
+from layerwise.train.trainer import TrainingDiverged, Trainer, attention_gain_refresh_every, train
 
 
 @pytest.fixture(scope="session")
@@ -214,3 +214,66 @@ def test_weight_decay_skips_norms_biases_embeddings_and_attnres_queries():
     assert any(n.endswith(".query") for n in kept) and any(n.endswith(".bias") for n in kept)
     assert all(p.ndim == 2 for p in decay["params"]) and "model.layers.0.attn.fn.q_proj.weight" in decayed
     assert not any(n.endswith(".query") or "norm" in n for n in decayed)
+
+
+def test_seednorm_alpha_and_beta_are_decayed_and_its_gamma_is_not():
+    """SeeDNorm's paper decays alpha and beta; gamma follows the baseline's (undecayed) norm-gain policy."""
+    from layerwise import LayerwiseForCausalLM, ModelConfig
+
+    model = LayerwiseForCausalLM(ModelConfig.from_preset("seednorm", "tiny"))
+    decay, keep = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names[id(p)] for p in keep["params"]}
+    seednorm = [n.removesuffix(".alpha") for n in names.values() if n.endswith(".alpha")]
+    assert seednorm and "model.norm" in seednorm  # every norm, the final one included
+    for norm in seednorm:
+        assert {f"{norm}.alpha", f"{norm}.beta"} <= decayed and f"{norm}.weight" in kept
+
+
+def _attention_gains(checkpoint: Path) -> tuple[list[float], list[float]]:
+    """The saved c of every BHyT layer, and c recomputed from the saved weights with T = 32."""
+    from safetensors.torch import load_file
+
+    from layerwise.nn.norms import attention_output_gain
+
+    weights = load_file(checkpoint / "model.safetensors")
+    saved, recomputed = [], []
+    for i in range(4):
+        prefix = f"model.layers.{i}."
+        saved.append(weights[prefix + "attn_gain"].item())
+        v, o = weights[prefix + "attn.fn.v_proj.weight"], weights[prefix + "attn.fn.o_proj.weight"]
+        recomputed.append(attention_output_gain(v, o, 4, 32).item())
+    return saved, recomputed
+
+
+def test_attention_gain_refresh_interval_is_total_over_50_between_1_and_1000():
+    assert [attention_gain_refresh_every(n) for n in (10, 49, 100, 149, 20_000, 50_000, 10**6)] == \
+        [1, 1, 2, 2, 400, 1000, 1000]
+
+
+def test_bhyt_gain_is_refreshed_during_training_and_a_resumed_run_refreshes_on_the_same_steps(corpus, tmp_path,
+                                                                                             monkeypatch):
+    """c is recomputed after every 3rd step (the interval a 150-step run gets) with T = seq_len. The run is
+    resumed from step 7, between two refreshes: recomputing c at the resume would change step 8's loss."""
+    import shutil
+
+    from layerwise.train import trainer
+
+    monkeypatch.setattr(trainer, "attention_gain_refresh_every", lambda total: 3)
+    cfg = dict(preset="bhyt", batch_size=4, seq_len=32, max_tokens=12 * 4 * 32, eval_every=1000, telemetry_every=1000,
+               ckpt_every=7)
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    train(small(corpus, reference, **cfg))
+    at_7, at_12 = (_attention_gains(path) for path in list_checkpoints(reference))
+    assert at_12[0] == pytest.approx(at_12[1], rel=1e-6)  # step 12 refreshed c from the step-12 weights
+    assert at_7[0] != pytest.approx(at_7[1], rel=1e-6)  # step 7 still holds step 6's c
+    assert all(abs(a - b) > 1e-6 * abs(b) for a, b in zip(at_7[0], at_12[0])), "c must follow the weights"
+
+    train(small(corpus, resumed, **cfg))
+    last = list_checkpoints(resumed)[-1]
+    assert last.name == "step_0000012"
+    shutil.rmtree(last)
+    train(small(corpus, resumed, resume="auto", **cfg))
+    assert train_losses(resumed) == train_losses(reference)
+    assert _attention_gains(list_checkpoints(resumed)[-1])[0] == at_12[0]

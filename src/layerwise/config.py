@@ -67,7 +67,7 @@ class ModelConfig(PreTrainedConfig):
     norm_bias: bool = True  # beta in layernorm / dyt / frozen
     norm_placement: str = "pre"  # pre | post | peri | mixln | deepnorm
     embedding_norm: bool = False  # Peri-LN's optional norm on the embedding output
-    mixln_ratio: float = 0.25  # Mix-LN: the first round(ratio * L) layers are Post-LN
+    mixln_ratio: float = 0.25  # Mix-LN: the first floor(ratio * L) layers are Post-LN
     layernorm_scaling: bool = False  # LNS: scale pre-sublayer norm outputs of layer i by 1/sqrt(i+1)
     dyt_alpha_attn: float = 0.5
     dyt_alpha_mlp: float = 0.5

@@ -34,9 +34,11 @@ class Preset:
 
 
 def _block_attnres_blocks(size: dict[str, Any]) -> dict[str, Any]:
-    # The paper's N = 8 when it splits the sublayers evenly and is not already Full AttnRes; else 1 layer/block.
-    n_sub = 2 * size["n_layers"]
-    return {"attnres_blocks": 8 if n_sub > 8 and n_sub % 8 == 0 else size["n_layers"]}
+    # Blocks hold whole layers, so N divides L; of those, the N closest to the paper's ~8 (the larger on a tie):
+    # 12 layers -> 6 blocks of 2 layers, 16 and 24 layers -> 8 blocks, 4 layers -> 4 blocks of one layer.
+    n_layers = size["n_layers"]
+    divisors = [n for n in range(1, n_layers + 1) if n_layers % n == 0]
+    return {"attnres_blocks": min(divisors, key=lambda n: (abs(n - 8), -n))}
 
 
 def _delta_blocks(size: dict[str, Any]) -> dict[str, Any]:
@@ -66,15 +68,19 @@ PRESETS: dict[str, Preset] = {
                dict(norm="bhyt", bhyt_exact=True)),
         Preset("seednorm", "SeeDNorm (Cai et al., ICLR 2026), single head, alpha0 1", dict(norm="seednorm")),
         Preset("attnres", "Full Attention Residuals (Kimi Team, arXiv 2603.15031)", dict(residual="full_attnres")),
-        Preset("block-attnres", "Block Attention Residuals (Kimi Team, arXiv 2603.15031), 8 blocks where they divide the depth",
+        Preset("block-attnres", "Block Attention Residuals (Kimi Team, arXiv 2603.15031): whole layers per block, "
+               "the number of blocks dividing L nearest the paper's 8",
                dict(residual="block_attnres"), _block_attnres_blocks),
         Preset("delta-attnres", "Delta AttnRes (Luo, Cai, Hu): additive routing over per-sublayer deltas",
                dict(residual="delta_attnres")),
         Preset("delta-block-attnres", "Delta Block AttnRes (Luo, Cai, Hu): routing over per-block deltas, N = 4",
                dict(residual="delta_block_attnres"), _delta_blocks),
         Preset("resformer", "ResFormer value residual (Zhou et al., 2024)", dict(value_residual="resformer")),
-        Preset("satformer", "SATFormer (Gunasekaran et al., arXiv 2605.03953): gated access to layer-0 values",
-               dict(value_residual="satformer", qk_norm=True)),
+        # QK-norm stays off here as in `resformer` and `pre-rmsnorm`, so the three differ only in the value residual;
+        # the SATFormer configs turn it on for all three: pass qk_norm=True to each to reproduce that setting.
+        Preset("satformer", "SATFormer (Gunasekaran et al., arXiv 2605.03953): gated access to layer-0 values; "
+               "QK-norm off like resformer and the baseline (the paper's configs set it on all three)",
+               dict(value_residual="satformer")),
     ]
 }
 

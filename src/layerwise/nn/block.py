@@ -72,30 +72,40 @@ class BHyTParallelLayer(Layer):
 
     The block computes one exact statistic, v = mean_d(h^2). The MLP-input norm uses the approximation
     v + c * lambda_in^2 / kappa^2 instead of a second reduction, where c = ||W_V^T W_O^T||_F^2 / (T d) is
-    computed from the weights at the first forward and then kept (as the released code does).
+    computed from the weights. As in the released code the trainer refreshes c during training
+    (`refresh_attention_gains`, with T = the training sequence length). A layer whose c was never set
+    computes it at its first forward with T = `max_seq_len`, so c never depends on that forward's length.
     """
 
     def __init__(self, cfg, layer_idx: int):
         super().__init__(cfg, layer_idx)
-        self.register_buffer("attn_gain", torch.tensor(float("nan")))  # c; NaN until the first forward
+        self.register_buffer("attn_gain", torch.tensor(float("nan")))  # c; NaN until first computed
+        self.default_gain_seq_len = cfg.max_seq_len
         self._gain_ready = False
 
     def reset_parameters(self):
         nn.init.constant_(self.attn_gain, float("nan"))
         self._gain_ready = False
 
-    def _ensure_gain(self, seq_len: int):
+    @torch.no_grad()
+    def refresh_attention_gain(self, seq_len: int):
+        """c from the current v/o weights, for sequences of `seq_len` tokens."""
+        attn = self.attn.fn
+        # Under FSDP2 the weights are sharded DTensors outside the attention's own forward (an all-gather:
+        # every process must call this together).
+        v, o = (getattr(w, "full_tensor", lambda w=w: w)() for w in (attn.v_proj.weight, attn.o_proj.weight))
+        self.attn_gain.copy_(attention_output_gain(v, o, attn.n_heads, seq_len))
+        self._gain_ready = True
+
+    def _ensure_gain(self):
         if self._gain_ready:
             return
         if not torch.isfinite(self.attn_gain):  # one host sync per layer, on the first forward only
-            attn = self.attn.fn
-            # Under FSDP2 the weights are sharded DTensors outside the attention's own forward.
-            v, o = (getattr(w, "full_tensor", lambda w=w: w)() for w in (attn.v_proj.weight, attn.o_proj.weight))
-            self.attn_gain.copy_(attention_output_gain(v, o, attn.n_heads, seq_len))
-        self._gain_ready = True
+            self.refresh_attention_gain(self.default_gain_seq_len)
+        self._gain_ready = True  # a loaded checkpoint's c is kept
 
     def forward(self, x, ctx):
-        self._ensure_gain(x.shape[1])
+        self._ensure_gain()
         attn, mlp = self.attn, self.mlp
         assert isinstance(attn.norm_in, BHyT) and isinstance(mlp.norm_in, BHyT)
         x = attn.hook_in(x)
@@ -110,3 +120,10 @@ def build_layer(cfg, layer_idx: int) -> Layer:
     if cfg.norm == "bhyt" and not cfg.bhyt_exact:
         return BHyTParallelLayer(cfg, layer_idx)
     return Layer(cfg, layer_idx)
+
+
+def refresh_attention_gains(model: nn.Module, seq_len: int) -> None:
+    """Recompute BHyT's c in every parallel-form layer of `model` from its current weights."""
+    for module in model.modules():
+        if isinstance(module, BHyTParallelLayer):
+            module.refresh_attention_gain(seq_len)

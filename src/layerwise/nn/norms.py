@@ -164,7 +164,13 @@ def attention_output_gain(v_weight: torch.Tensor, o_weight: torch.Tensor, n_head
 
 @register_norm("seednorm")
 class SeeDNorm(nn.Module):
-    """SeeDNorm (Cai et al., ICLR 2026): RMSNorm whose gain is rescaled per token by tanh(<x, beta>)."""
+    """SeeDNorm (Cai et al., ICLR 2026): RMSNorm whose gain is rescaled per token by tanh(<x, beta>).
+
+    The paper applies weight decay to alpha and beta (gamma follows the baseline's norm-gain policy), so they
+    are listed in `decayed_parameters`, which the optimizer's parameter groups read.
+    """
+
+    decayed_parameters = ("alpha", "beta")
 
     def __init__(self, dim: int, eps: float = 1e-6, heads: int = 1, alpha0: float = 1.0):
         super().__init__()

@@ -9,6 +9,7 @@ A placement answers one question per layer: what is the layout of its two sublay
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .registry import Registry
@@ -65,11 +66,13 @@ class PeriLN(Placement):
 
 @register_placement("mixln")
 class MixLN(Placement):
-    """Mix-LN (Li, Yin, Liu; ICLR 2025): Post-LN on the first round(ratio * L) layers, Pre-LN on the rest."""
+    """Mix-LN (Li, Yin, Liu; ICLR 2025): Post-LN on the first floor(ratio * L) layers, Pre-LN on the rest."""
 
     @staticmethod
     def post_ln_layers(cfg) -> int:
-        return round(cfg.mixln_ratio * cfg.n_layers)
+        # The paper's floor(alpha * L) Post-LN layers and ceil((1 - alpha) * L) Pre-LN ones; the 1e-9 keeps a
+        # product that is whole on paper (0.29 * 100 = 28.999...) from losing a layer to float rounding.
+        return math.floor(cfg.mixln_ratio * cfg.n_layers + 1e-9)
 
     def layout(self, cfg, layer_idx):
         if layer_idx < self.post_ln_layers(cfg):

@@ -125,9 +125,14 @@ class BlockAttnRes(ResidualScheme):
         n_sub, n = 2 * cfg.n_layers, cls.n_blocks(cfg)
         if not 1 <= n <= n_sub:
             _fail("attnres_blocks", n, f"exceeds the {n_sub} sublayers of a {cfg.n_layers}-layer model; use 1..{n_sub}")
+        # Blocks hold whole layers (the boundary test is on layers, `layer % (S/2) == 0`), except S = 1: one
+        # sublayer per block is Full AttnRes, the limit the paper names.
+        valid = [d for d in range(1, n_sub + 1) if n_sub % d == 0 and (d == n_sub or (n_sub // d) % 2 == 0)]
         if n_sub % n:
-            valid = [d for d in range(1, n_sub + 1) if n_sub % d == 0]
             _fail("attnres_blocks", n, f"must divide the {n_sub} sublayers into equal blocks; valid: {valid}")
+        if n not in valid:
+            _fail("attnres_blocks", n, f"gives blocks of {n_sub // n} sublayers, which split a layer; blocks hold "
+                  f"whole layers (or one sublayer each, Full AttnRes); valid: {valid}")
 
     def source_count_at_output(self, n_layers: int) -> int:
         return (2 * n_layers - 1) // self.block_size + 2

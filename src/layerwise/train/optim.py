@@ -14,14 +14,24 @@ def no_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim < 2 or "embed_tokens" in name or name.endswith(".query")
 
 
+def declared_decayed(model: nn.Module) -> set[int]:
+    """ids of the parameters whose module lists them in its `decayed_parameters` class attribute: a module
+    whose paper prescribes weight decay on a vector (SeeDNorm's alpha and beta) says so itself."""
+    return {id(getattr(module, name)) for module in model.modules()
+            for name in getattr(type(module), "decayed_parameters", ())
+            if getattr(module, name, None) is not None}
+
+
 def param_groups(model: nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict]:
     decay, keep = [], []
     seen = set()
+    declared = declared_decayed(model)
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:  # tied weights appear once
             continue
         seen.add(id(p))
-        (keep if (not decay_all and no_decay(name, p)) else decay).append(p)
+        exempt = not decay_all and id(p) not in declared and no_decay(name, p)
+        (keep if exempt else decay).append(p)
     return [dict(params=decay, weight_decay=weight_decay), dict(params=keep, weight_decay=0.0)]
 
 

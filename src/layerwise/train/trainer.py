@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..config import ModelConfig
 from ..model import LayerwiseForCausalLM
+from ..nn.block import refresh_attention_gains
 from . import distributed as dist_infra
 from .checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint, verify_checkpoint
 from .config import TrainConfig
@@ -69,6 +70,12 @@ def build_model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
         base = ModelConfig.from_yaml(cfg.model_config).to_dict()
         return ModelConfig.from_dict({**base, **overrides})
     return ModelConfig.from_preset(cfg.preset, cfg.size, **overrides)
+
+
+def attention_gain_refresh_every(total_steps: int) -> int:
+    """BHyT's c is recomputed every total_steps // 50 steps, at least 1 and at most 1000, as the released code's
+    `UpdateScalerCallback` does; a function of the run length only, so a resumed run refreshes on the same steps."""
+    return max(1, min(1000, total_steps // 50))
 
 
 def windows(tokens, starts: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,6 +141,7 @@ class Trainer:
                 console.print(f"resumed from {resume_from} at step {start_step}")
         else:
             self.bad_total = 0
+            refresh_attention_gains(model, cfg.seq_len)  # a resumed run keeps the checkpoint's c
         if rt.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save_yaml(self.run_dir / "train.yaml")
@@ -143,6 +151,7 @@ class Trainer:
 
         forward = torch.compile(wrapped) if cfg.compile else wrapped
         total = cfg.total_steps
+        refresh_every = attention_gain_refresh_every(total)
         peak = peak_flops(rt.device)
         fpt = flops_per_token(model_cfg, n_params, cfg.seq_len)
         if rt.is_main:
@@ -190,6 +199,8 @@ class Trainer:
                     telemetry = {"grad_norm_layers": layer_grad_norms(wrapped)}
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if (step + 1) % refresh_every == 0:  # after the update, like the callback's on_step_end
+                    refresh_attention_gains(model, cfg.seq_len)
                 pause = time.perf_counter()  # telemetry, evaluation and checkpoints do not count as training time
                 if telemetry is not None and not cfg.fsdp:
                     telemetry.update(measure_depth(model, first_x[:4], self.autocast()))
