@@ -71,11 +71,9 @@ def _load_gguf(path: Path, dtype):
                                                                          output_loading_info=True, **kwargs)
         tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, **kwargs)
     except (ValueError, KeyError, IndexError, struct.error, EOFError) as err:
-        if isinstance(err, UserError):
-            raise
-        # A cut-off download fails deep in the GGUF reader (a memmap or struct past the end of the file).
-        raise UserError(f"{path}: not a readable GGUF file ({type(err).__name__}: {_first_line(err)}); it may be "
-                        "truncated or corrupt: download it again") from None
+        # A cut-off download fails deep in the GGUF reader (a struct or an array past the end of the file).
+        raise UserError(f"{path}: not a readable GGUF file ({_first_line(err)}); it may be truncated or corrupt: "
+                        "download it again") from None
     _refuse_new_weights(path, info)
     return model, tokenizer
 
@@ -132,6 +130,17 @@ def _refuse_new_weights(where: Path, info: dict) -> None:
 
 def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [""])[0][:200]
+
+
+def check_token_windows(tokens: int, seq_len: int, batch_size: int) -> None:
+    """Refuse, before a model is loaded, window settings that can cut no batch: next-token scoring needs two
+    tokens per window, and at least one window and one sequence per forward."""
+    for option, value, least in (("--tokens", tokens, 1), ("--seq-len", seq_len, 2), ("--batch-size", batch_size, 1)):
+        if value < least:
+            raise UserError(f"{option} {value}: use {least} or more")
+    if tokens < seq_len:
+        raise UserError(f"--tokens {tokens} is less than one window of --seq-len {seq_len}; raise --tokens or "
+                        "lower --seq-len")
 
 
 def load_tokens(data: str | Path | None, tokenizer, n_tokens: int) -> np.ndarray:
