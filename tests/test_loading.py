@@ -117,7 +117,7 @@ def test_out_that_is_a_file_is_refused_before_loading(tmp_path, command):
     (tmp_path / "taken").write_text("a file")
     extra = ["--drop", "1"] if command == "prune" else []
     assert_refused(cli(command, tmp_path / "no-model", *extra, "--out", tmp_path / "taken"),
-                   "taken is a file, not a folder")
+                   "taken is a file, not a folder; pass a folder path")
     assert (tmp_path / "taken").read_text() == "a file"
 
 

@@ -21,7 +21,8 @@ def check_output_folder(path: str | Path, option: str = "--out") -> Path:
     path = Path(path)
     for candidate in (path, *path.parents):
         if candidate.exists() and not candidate.is_dir():
-            raise UserError(f"{option} {path}: {candidate} is a file, not a folder; pass a folder path")
+            where = "is a file" if candidate == path else f"lies inside {candidate}, which is a file"
+            raise UserError(f"{option} {path} {where}, not a folder; pass a folder path")
         if candidate.is_dir():
             break
     return path
