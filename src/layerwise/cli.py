@@ -160,10 +160,13 @@ def diagnose(
     Example: layerwise diagnose path/to/SmolLM2-135M-Instruct.Q4_1.gguf --tokens 16384 --out runs/diag
     """
     from .diagnose import diagnose as run_diagnosis
-    from .loading import load_model, load_tokens
+    from .loading import check_token_windows, load_model, load_tokens
     from .diagnose.metrics import token_batches
+    from .outputs import check_output_folder
     from .report.diagnosis import write_report
 
+    check_token_windows(tokens, seq_len, batch_size)
+    check_output_folder(out)
     with console.status(f"loading {model} ..."):
         net, tokenizer = load_model(model)
         ids = load_tokens(data, tokenizer, tokens)

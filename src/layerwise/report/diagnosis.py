@@ -476,7 +476,7 @@ def _charts_html(v: DiagnosisView) -> tuple[str, list[str]]:
 def render_html(v: DiagnosisView, sentences: list[str], ranked: dict, evals: dict | None) -> tuple[str, list[str]]:
     """The page, and the names of the metrics it charts."""
     title = v.raw.get("model") or v.raw.get("family") or "model"
-    meta = f"{v.raw.get('family', '?')} &middot; {v.n_layers} layers &middot; n_span {v.n_span or '-'}"
+    meta = f"{html.escape(str(v.raw.get('family', '?')))} &middot; {v.n_layers} layers &middot; n_span {v.n_span or '-'}"
     if isinstance(v.raw.get("tokens"), int):
         meta += f" &middot; {v.raw['tokens']:,} tokens"
     parts = [f"<h1>Depth diagnosis: {html.escape(str(title))}</h1><p class='meta'>{meta}</p>",

@@ -15,6 +15,8 @@ def prune_command(
     drop: str = typer.Option(..., "--drop", help="Layers to delete, 0-based, as a comma list with INCLUSIVE "
                                                  "ranges: 14,20-23 deletes layers 14, 20, 21, 22 and 23."),
     out: Path = typer.Option(..., "--out", help="Folder for the pruned model (safetensors) and its tokenizer."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it is not empty (the new model "
+                                                             "is written whole first)."),
 ):
     """Delete decoder layers and save a normal model: it loads with from_pretrained and generates with a cache.
 
@@ -25,6 +27,7 @@ def prune_command(
     Example: layerwise prune path/to/SmolLM2-135M-Instruct.Q4_1.gguf --drop 14,20-23 --out runs/smollm2-25l
     """
     from ..loading import load_model
+    from ..outputs import check_model_destination
     from .prune import DROPPED_LAYERS_KEY, drop_layers, parse_layer_list, save_pruned
 
     try:
@@ -34,12 +37,13 @@ def prune_command(
     if Path(model).resolve() == out.resolve():
         raise typer.BadParameter("must differ from MODEL: the pruned model would overwrite the original",
                                  param_hint="--out")
+    check_model_destination(out, overwrite)
     with console.status(f"loading {model} ..."):
         net, tokenizer = load_model(model)
     n_before = net.config.num_hidden_layers
     drop_layers(net, layers)
     with console.status(f"saving to {out} ..."):
-        save_pruned(net, tokenizer, out)
+        save_pruned(net, tokenizer, out, overwrite)
     console.print(f"removed layers {', '.join(map(str, layers))} (0-based) of {n_before}; "
                   f"{net.config.num_hidden_layers} remain")
     dropped = getattr(net.config, DROPPED_LAYERS_KEY)

@@ -18,6 +18,7 @@ from torch import nn
 from transformers import PreTrainedConfig
 
 from ..arch import depth_view
+from ..outputs import check_model_destination, write_model_folder
 
 DROPPED_LAYERS_KEY = "layerwise_dropped_layers"
 # Config lists with one entry per layer (sliding vs full attention, dense vs MoE MLP); sliced to the survivors.
@@ -167,22 +168,25 @@ def _refresh_sliding_flags(model: nn.Module) -> None:
             module.has_sliding_layers = "sliding_attention" in layer_types
 
 
-def save_pruned(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
+def save_pruned(model: nn.Module, tokenizer, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write `model` (safetensors) and `tokenizer` (if not None) to `out_dir`, loadable with
     `AutoModelForCausalLM.from_pretrained(out_dir)` or `layerwise.loading.load_model(out_dir)`.
 
+    The folder is written whole or not at all (`layerwise.outputs.write_model_folder`); a non-empty `out_dir`
+    is refused unless `overwrite`, so a model never ends up beside another model's or run's files.
     A model read from a GGUF file carries GGUF quantization bookkeeping that `save_pretrained` refuses; when its
     weights are already plain floats (GGUF tensors de-quantized at load), that bookkeeping is dropped from the
     model first, so the saved folder is an ordinary float checkpoint.
     """
-    out_dir = Path(out_dir)
+    check_model_destination(out_dir, overwrite)
     if getattr(model, "hf_quantizer", None) is not None:
         _forget_dequantized_gguf(model)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)  # transformers 5 always writes safetensors
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
-    return out_dir
+
+    def save(folder: Path) -> None:
+        model.save_pretrained(folder)  # transformers 5 always writes safetensors
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+    return write_model_folder(out_dir, save, overwrite)
 
 
 def _forget_dequantized_gguf(model: nn.Module) -> None:
