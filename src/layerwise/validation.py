@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from .errors import UserError
+
 SATFORMER_GATES = ("relu", "sigmoid", "tanh", "identity")
 
 
 def _fail(field: str, value, why: str) -> None:
-    raise ValueError(f"ModelConfig.{field}={value!r} {why}")
+    raise UserError(f"ModelConfig.{field}={value!r} {why}")
 
 
 def validate_config(cfg) -> None:
@@ -14,6 +16,7 @@ def validate_config(cfg) -> None:
     from .nn.mlp import MLPS
     from .nn.norms import NORMS
     from .nn.placement import PLACEMENTS
+    from .nn.registry import validate_variants
     from .nn.residual import RESIDUALS
     from .nn.value_residual import VALUE_RESIDUALS
 
@@ -39,6 +42,7 @@ def validate_config(cfg) -> None:
     RESIDUALS.get(cfg.residual)
     VALUE_RESIDUALS.get(cfg.value_residual)
 
+    # A value outside its field's domain is a mistake even where no selected variant reads the field.
     if not 0.0 <= cfg.mixln_ratio <= 1.0:
         _fail("mixln_ratio", cfg.mixln_ratio, "must lie in [0, 1]")
     if cfg.seednorm_heads < 1 or cfg.d_model % cfg.seednorm_heads:
@@ -48,20 +52,6 @@ def validate_config(cfg) -> None:
     if cfg.value_residual_last_k is not None and not 1 <= cfg.value_residual_last_k <= cfg.n_layers - 1:
         _fail("value_residual_last_k", cfg.value_residual_last_k, f"must be in 1..{cfg.n_layers - 1} (or None)")
 
-    additive = cfg.norm_placement in ("pre", "peri")
-    if cfg.layernorm_scaling:
-        if cfg.norm_placement not in ("pre", "peri", "mixln"):
-            _fail("layernorm_scaling", True, f"scales pre-sublayer norms, which norm_placement="
-                  f"{cfg.norm_placement!r} does not have; use pre, peri or mixln")
-        if cfg.scaled_init:
-            _fail("layernorm_scaling", True, "must not be combined with scaled_init=True: the LNS paper reports "
-                  "that depth-scaled init diminishes its effect; set scaled_init=False")
-
-    RESIDUALS.get(cfg.residual).validate(cfg)
-    if cfg.residual != "standard" and not additive:
-        _fail("residual", cfg.residual, f"routes sublayer inputs and needs an additive placement (pre or peri), "
-              f"not norm_placement={cfg.norm_placement!r}")
-    if cfg.norm == "bhyt" and not cfg.bhyt_exact and (cfg.norm_placement != "pre" or cfg.residual != "standard"):
-        _fail("bhyt_exact", False, "(the parallel BHyT form) approximates the MLP-input variance from a Pre-LN "
-              "residual add; with norm_placement={!r}, residual={!r} set bhyt_exact=True (BHyT*)".format(
-                  cfg.norm_placement, cfg.residual))
+    # Rules that belong to a variant (AttnRes needs an additive placement, BHyT's parallel form needs Pre-LN,
+    # ...) live on its class; fields that only unselected variants read warn that they have no effect.
+    validate_variants(cfg)

@@ -10,6 +10,7 @@ from .hooks import HookPoint
 from .mlp import build_mlp
 from .norms import BHyT, approximate_mean_square, attention_output_gain, build_norm, lns_scale, mean_square
 from .placement import SublayerLayout, layer_layouts
+from .registry import variant_of
 
 
 class Sublayer(nn.Module):
@@ -80,10 +81,6 @@ class BHyTParallelLayer(Layer):
         self.register_buffer("attn_gain", torch.tensor(float("nan")))  # c; NaN until the first forward
         self._gain_ready = False
 
-    def reset_parameters(self):
-        nn.init.constant_(self.attn_gain, float("nan"))
-        self._gain_ready = False
-
     def _ensure_gain(self, seq_len: int):
         if self._gain_ready:
             return
@@ -107,6 +104,4 @@ class BHyTParallelLayer(Layer):
 
 
 def build_layer(cfg, layer_idx: int) -> Layer:
-    if cfg.norm == "bhyt" and not cfg.bhyt_exact:
-        return BHyTParallelLayer(cfg, layer_idx)
-    return Layer(cfg, layer_idx)
+    return variant_of(cfg, "norm").layer_class(cfg)(cfg, layer_idx)
