@@ -83,6 +83,7 @@ def test_a_field_no_selected_variant_reads_warns_naming_it_and_its_readers():
     assert [str(w.message) for w in record] == [
         "ModelConfig.attnres_blocks=4 is read by residual scheme block_attnres, delta_block_attnres, "
         "not by residual='standard'; it has no effect"]
+    assert record[0].filename == __file__  # it points at the line that set the field
 
 
 @pytest.mark.parametrize("overrides, field", [

@@ -10,6 +10,7 @@ config fields it reads (`config_fields`) and states what transforms may do to a 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import warnings
 from typing import Callable, Generic, TypeVar
 
@@ -139,5 +140,19 @@ def validate_variants(cfg) -> None:
         kind, selector = variants[0].kind, variants[0].selector_field
         warnings.warn(
             f"ModelConfig.{field}={value!r} is read by {kind} {', '.join(v.registered_name for v in variants)}, "
-            f"not by {selector}={getattr(cfg, selector)!r}; it has no effect", UserWarning, stacklevel=4,
+            f"not by {selector}={getattr(cfg, selector)!r}; it has no effect", UserWarning,
+            stacklevel=_stacklevel_outside_the_library(),
         )
+
+
+def _stacklevel_outside_the_library() -> int:
+    """The `warnings.warn` stacklevel of the first caller outside layerwise and transformers, so a warning
+    points at the user's line (and two different lines both warn)."""
+    frame, level = sys._getframe(2), 2  # level 1 is the function that calls warnings.warn
+    def internal(frame) -> bool:
+        package = frame.f_globals.get("__name__", "").split(".")[0]
+        return package in ("layerwise", "transformers") or frame.f_code.co_filename.startswith("<")  # dataclass code
+
+    while frame.f_back is not None and internal(frame):
+        frame, level = frame.f_back, level + 1
+    return level
