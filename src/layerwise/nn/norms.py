@@ -72,7 +72,6 @@ class LayerNorm(Norm):
     def from_config(cls, dim, cfg, role):
         return cls(dim, eps=cfg.norm_eps, bias=cfg.norm_bias)
 
-
     def forward(self, x):
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
 
@@ -89,7 +88,6 @@ class RMSNorm(Norm):
     @classmethod
     def from_config(cls, dim, cfg, role):
         return cls(dim, eps=cfg.norm_eps)
-
 
     def forward(self, x):
         return self.weight * rms_normalize(x, self.eps)
@@ -112,7 +110,6 @@ class DyT(Norm):
     @classmethod
     def from_config(cls, dim, cfg, role):
         return cls(dim, alpha0=per_role(cfg, role, "dyt_alpha"), bias=cfg.norm_bias)
-
 
     def forward(self, x):
         y = self.weight * torch.tanh(self.alpha * x)
@@ -158,7 +155,6 @@ class BHyT(Norm):
             return RMSNorm(dim, eps=cfg.norm_eps)
         return cls(dim, lambda0=per_role(cfg, role, "bhyt_lambda"), kappa=cfg.bhyt_kappa)
 
-
     def forward(self, x, mean_square_of_x: torch.Tensor | None = None):
         ms = mean_square(x) if mean_square_of_x is None else mean_square_of_x
         r = torch.rsqrt(ms + 1e-6) / self.kappa
@@ -199,7 +195,6 @@ class SeeDNorm(Norm):
     def from_config(cls, dim, cfg, role):
         return cls(dim, eps=cfg.norm_eps, heads=cfg.seednorm_heads, alpha0=cfg.seednorm_alpha)
 
-
     def forward(self, x):
         # The dot product uses the un-normalised x: that is how the input norm survives normalisation.
         xf = at_least_float32(x)
@@ -228,7 +223,6 @@ class FrozenScaleNorm(Norm):
     @classmethod
     def from_config(cls, dim, cfg, role):
         return cls(dim, sigma=cfg.frozen_norm_sigma, bias=cfg.norm_bias)
-
 
     def forward(self, x):
         y = self.weight * (x - x.mean(-1, keepdim=True)) / self.sigma
