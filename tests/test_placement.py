@@ -10,6 +10,7 @@ from torch import nn
 
 from layerwise import LayerwiseForCausalLM, ModelConfig
 from layerwise.nn.attention import ForwardContext, rope_cos_sin
+from layerwise.nn.initialization import Normal, init_of
 from layerwise.nn.norms import RMSNorm
 from layerwise.nn.placement import DeepNorm, MixLN, layer_layouts
 
@@ -172,9 +173,9 @@ def test_deepnorm_divides_v_o_and_mlp_init_std_by_8n_to_the_quarter_and_leaves_q
     for layer in model.model.layers:
         attn, mlp = layer.attn.fn, layer.mlp.fn
         for proj in (attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
-            assert proj.init_std == pytest.approx(cfg.init_std * beta, rel=1e-12)
+            assert init_of(proj).std == pytest.approx(cfg.init_std * beta, rel=1e-12)
         for proj in (attn.q_proj, attn.k_proj):
-            assert getattr(proj, "init_std", cfg.init_std) == cfg.init_std
+            assert init_of(proj) == Normal(cfg.init_std)
     # Statistically: 256 x 256 (or larger) weights give the empirical std to ~0.3%; 10% is a safe bound.
     attn, mlp = model.model.layers[3].attn.fn, model.model.layers[3].mlp.fn
     for proj in (attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
@@ -239,8 +240,8 @@ def test_peri_ln_preset_normalises_the_embedding_output():
 def test_scaled_init_divides_output_projections_by_sqrt_2l():
     model = LayerwiseForCausalLM(ModelConfig.from_preset("pre-rmsnorm", "tiny", scaled_init=True, n_layers=8))
     attn, mlp = model.model.layers[0].attn.fn, model.model.layers[0].mlp.fn
-    assert attn.o_proj.init_std == mlp.down_proj.init_std == pytest.approx(0.02 / 4)
-    assert attn.v_proj.init_std == 0.02
+    assert init_of(attn.o_proj).std == init_of(mlp.down_proj).std == pytest.approx(0.02 / 4)
+    assert init_of(attn.v_proj) == Normal(0.02)
 
 
 def test_unknown_placement_raises_value_error_listing_the_valid_placements():

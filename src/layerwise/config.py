@@ -13,6 +13,8 @@ from typing import Any
 from transformers import PreTrainedConfig
 from transformers.generation import GenerationConfig
 
+from .errors import UserError
+
 # The version of the fields below as written to config.json; bump it when their meaning changes.
 CONFIG_VERSION = 1
 
@@ -155,18 +157,16 @@ def _check_rebuildable_after_pruning(cfg: ModelConfig) -> None:
     """A pruned model is rebuilt from its config with its layers renumbered 0..n-1, so a layer whose math
     depends on its own index or on the model's depth would come back different. Runs at save and at load, so
     such a checkpoint is never written or read silently wrong."""
-    depth_dependent = {
-        "layernorm_scaling": (cfg.layernorm_scaling, "scales layer i by 1/sqrt(i+1)"),
-        "norm_placement": (cfg.norm_placement in ("mixln", "deepnorm"),
-                           "mixln / deepnorm derive each layer's layout from the depth"),
-    }
-    for field, (applies, why) in depth_dependent.items():
-        if applies:
-            raise ValueError(
+    from .nn.registry import selected_variants
+
+    for variant in selected_variants(cfg):
+        if variant.depth_dependent:
+            field = variant.selector_field
+            raise UserError(
                 f"ModelConfig.layerwise_dropped_layers={cfg.layerwise_dropped_layers} cannot be combined with "
-                f"{field}={getattr(cfg, field)!r}: it {why}, and a pruned model is rebuilt with its surviving "
-                "layers renumbered; use the pruned model in memory, or prune a model without depth-dependent "
-                "layers"
+                f"{field}={getattr(cfg, field)!r}: it {variant.depth_dependence}, and a pruned model is rebuilt "
+                "with its surviving layers renumbered; use the pruned model in memory, or prune a model without "
+                "depth-dependent layers"
             )
 
 

@@ -19,8 +19,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .config import ModelConfig
 from .nn.attention import ForwardContext, rope_cos_sin
 from .nn.block import build_layer
+from .nn.initialization import attach_init, init_weights
 from .nn.norms import build_norm
-from .nn.placement import PLACEMENTS
 from .nn.residual import build_residual
 from .nn.value_residual import build_value_residual
 
@@ -35,31 +35,9 @@ class LayerwisePreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        # Every module states its own init: Linear/Embedding through `init_std` (set by `assign_init_stds`),
-        # variant modules through `reset_parameters`. transformers guards nn.init so loaded weights survive.
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=getattr(module, "init_std", self.config.init_std))
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, LayerwiseModel):
-            if module.embedding_multiplier is not None:
-                nn.init.constant_(module.embedding_multiplier, math.sqrt(self.config.d_model))
-        elif hasattr(module, "reset_parameters"):
-            module.reset_parameters()
-
-
-def assign_init_stds(model: "LayerwiseModel", cfg: ModelConfig) -> None:
-    """Per-projection init std: scaled init divides output projections by sqrt(2L) (GPT-2 / Megatron);
-    DeepNorm divides v, o and the MLP weights by (8N)^(1/4)."""
-    divisor = PLACEMENTS.get(cfg.norm_placement)().branch_init_divisor(cfg)
-    out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if cfg.scaled_init else cfg.init_std
-    for layer in model.layers:
-        attn, mlp = layer.attn.fn, layer.mlp.fn
-        attn.v_proj.init_std = cfg.init_std / divisor
-        attn.o_proj.init_std = out_std / divisor
-        for proj in mlp.input_projections():
-            proj.init_std = cfg.init_std / divisor
-        mlp.output_projection().init_std = out_std / divisor
+        # The groups in layerwise.nn.initialization say how each tensor starts; transformers calls this per module
+        # and guards nn.init, so weights loaded by from_pretrained are left as they are.
+        init_weights(module)
 
 
 def attention_mask_for(attention_mask, past: int, T: int, device) -> tuple[torch.Tensor | None, bool]:
@@ -96,7 +74,7 @@ class LayerwiseModel(LayerwisePreTrainedModel):
         self.residual = build_residual(config)
         self.value_residual = build_value_residual(config)
         self.norm = build_norm(config, "final")
-        assign_init_stds(self, config)
+        attach_init(self)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -157,6 +135,7 @@ class LayerwiseForCausalLM(LayerwisePreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = LayerwiseModel(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        attach_init(self)
         self.post_init()
 
     def get_input_embeddings(self):

@@ -10,6 +10,7 @@ from .hooks import HookPoint
 from .mlp import build_mlp
 from .norms import BHyT, approximate_mean_square, attention_output_gain, build_norm, lns_scale, mean_square
 from .placement import SublayerLayout, layer_layouts
+from .registry import variant_of
 
 
 class Sublayer(nn.Module):
@@ -83,10 +84,6 @@ class BHyTParallelLayer(Layer):
         self.default_gain_seq_len = cfg.max_seq_len
         self._gain_ready = False
 
-    def reset_parameters(self):
-        nn.init.constant_(self.attn_gain, float("nan"))
-        self._gain_ready = False
-
     @torch.no_grad()
     def refresh_attention_gain(self, seq_len: int):
         """c from the current v/o weights, for sequences of `seq_len` tokens."""
@@ -117,9 +114,7 @@ class BHyTParallelLayer(Layer):
 
 
 def build_layer(cfg, layer_idx: int) -> Layer:
-    if cfg.norm == "bhyt" and not cfg.bhyt_exact:
-        return BHyTParallelLayer(cfg, layer_idx)
-    return Layer(cfg, layer_idx)
+    return variant_of(cfg, "norm").layer_class(cfg)(cfg, layer_idx)
 
 
 def refresh_attention_gains(model: nn.Module, seq_len: int) -> None:

@@ -5,13 +5,24 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import Registry
+from .registry import Registry, Variant
 
-MLPS: Registry[nn.Module] = Registry("MLP", "mlp")
+MLPS: Registry["MLP"] = Registry("MLP", "mlp")
+
+
+class MLP(Variant, nn.Module):
+    """Base of the position-wise MLPs: `input_projections()` read the sublayer input, `output_projection()`
+    writes its output (what scaled init and DeepNorm rescale)."""
+
+    def input_projections(self) -> tuple[nn.Linear, ...]:
+        raise NotImplementedError
+
+    def output_projection(self) -> nn.Linear:
+        raise NotImplementedError
 
 
 @MLPS.register("swiglu")
-class SwiGLU(nn.Module):
+class SwiGLU(MLP):
     """SwiGLU MLP (Shazeer, 2020; LLaMA): down(silu(gate(x)) * up(x))."""
 
     def __init__(self, d_model: int, d_ff: int, bias: bool = False):
@@ -31,7 +42,7 @@ class SwiGLU(nn.Module):
 
 
 @MLPS.register("gelu")
-class GeluMLP(nn.Module):
+class GeluMLP(MLP):
     """GELU MLP (GPT-2): proj(gelu(fc(x)))."""
 
     def __init__(self, d_model: int, d_ff: int, bias: bool = False):

@@ -13,10 +13,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..numerics import at_least_float32
-from .registry import Registry
+from .registry import Registry, Variant, fail, variant_of
 
-NORMS: Registry[nn.Module] = Registry("norm", "norm")
+NORMS: Registry["Norm"] = Registry("norm", "norm")
 register_norm = NORMS.register
+
+
+class Norm(Variant, nn.Module):
+    """Base of the norms: a per-token map [..., d] -> [..., d]. Its parameters are initialised by the groups in
+    `layerwise.nn.initialization`."""
+
+    @classmethod
+    def layer_class(cls, cfg) -> type[nn.Module]:
+        """The layer class that wires this norm; a norm whose layer computes shared statistics overrides it."""
+        from .block import Layer
+
+        return Layer
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -45,8 +57,10 @@ def per_role(cfg, role: str, prefix: str):
 
 
 @register_norm("layernorm")
-class LayerNorm(nn.Module):
+class LayerNorm(Norm):
     """LayerNorm (Ba et al., 2016): gamma * (x - mean) / sqrt(var + eps) + beta."""
+
+    config_fields = ("norm_bias",)
 
     def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True):
         super().__init__()
@@ -58,17 +72,12 @@ class LayerNorm(nn.Module):
     def from_config(cls, dim, cfg, role):
         return cls(dim, eps=cfg.norm_eps, bias=cfg.norm_bias)
 
-    def reset_parameters(self):
-        nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-
     def forward(self, x):
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
 
 
 @register_norm("rmsnorm")
-class RMSNorm(nn.Module):
+class RMSNorm(Norm):
     """RMSNorm (Zhang & Sennrich, 2019): gamma * x / sqrt(mean(x^2) + eps)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -80,16 +89,15 @@ class RMSNorm(nn.Module):
     def from_config(cls, dim, cfg, role):
         return cls(dim, eps=cfg.norm_eps)
 
-    def reset_parameters(self):
-        nn.init.ones_(self.weight)
-
     def forward(self, x):
         return self.weight * rms_normalize(x, self.eps)
 
 
 @register_norm("dyt")
-class DyT(nn.Module):
+class DyT(Norm):
     """Dynamic Tanh (Zhu, Chen, He, LeCun, Liu; CVPR 2025): gamma * tanh(alpha * x) + beta, no statistics."""
+
+    config_fields = ("norm_bias", "dyt_alpha_attn", "dyt_alpha_mlp", "dyt_alpha_final")
 
     def __init__(self, dim: int, alpha0: float = 0.5, bias: bool = True):
         super().__init__()
@@ -103,25 +111,35 @@ class DyT(nn.Module):
     def from_config(cls, dim, cfg, role):
         return cls(dim, alpha0=per_role(cfg, role, "dyt_alpha"), bias=cfg.norm_bias)
 
-    def reset_parameters(self):
-        nn.init.constant_(self.alpha, self.alpha0)
-        nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-
     def forward(self, x):
         y = self.weight * torch.tanh(self.alpha * x)
         return y + self.bias if self.bias is not None else y
 
 
 @register_norm("bhyt")
-class BHyT(nn.Module):
+class BHyT(Norm):
     """Bounded hyperbolic tangent (Byun et al., arXiv 2601.09719): gamma * tanh(lambda * x / (kappa * RMS(x))).
 
     Called with `mean_square` it uses that statistic instead of computing one: this is how the default
     "parallel" form feeds the MLP-input norm an approximated variance (see `approximate_mean_square`).
     Without it, it is the exact BHyT* form.
     """
+
+    config_fields = ("bhyt_kappa", "bhyt_lambda_attn", "bhyt_lambda_mlp", "bhyt_lambda_final", "bhyt_exact")
+
+    @classmethod
+    def validate(cls, cfg):
+        placement, residual = variant_of(cfg, "norm_placement"), variant_of(cfg, "residual")
+        if not cfg.bhyt_exact and not (placement.adds_raw_branch and not residual.routes_sublayer_inputs):
+            fail("bhyt_exact", False, "(the parallel BHyT form) approximates the MLP-input variance from a Pre-LN "
+                 "residual add; with norm_placement={!r}, residual={!r} set bhyt_exact=True (BHyT*)".format(
+                     cfg.norm_placement, cfg.residual))
+
+    @classmethod
+    def layer_class(cls, cfg):
+        from .block import BHyTParallelLayer, Layer
+
+        return Layer if cfg.bhyt_exact else BHyTParallelLayer
 
     def __init__(self, dim: int, lambda0: float = 1.0, kappa: float = 10.0):
         super().__init__()
@@ -136,10 +154,6 @@ class BHyT(nn.Module):
             # The paper's recommended configs (lambda_final = 0) keep a plain RMSNorm before the head.
             return RMSNorm(dim, eps=cfg.norm_eps)
         return cls(dim, lambda0=per_role(cfg, role, "bhyt_lambda"), kappa=cfg.bhyt_kappa)
-
-    def reset_parameters(self):
-        nn.init.constant_(self.lam, self.lambda0)
-        nn.init.ones_(self.weight)
 
     def forward(self, x, mean_square_of_x: torch.Tensor | None = None):
         ms = mean_square(x) if mean_square_of_x is None else mean_square_of_x
@@ -163,7 +177,7 @@ def attention_output_gain(v_weight: torch.Tensor, o_weight: torch.Tensor, n_head
 
 
 @register_norm("seednorm")
-class SeeDNorm(nn.Module):
+class SeeDNorm(Norm):
     """SeeDNorm (Cai et al., ICLR 2026): RMSNorm whose gain is rescaled per token by tanh(<x, beta>).
 
     The paper applies weight decay to alpha and beta (gamma follows the baseline's norm-gain policy), so they
@@ -171,6 +185,8 @@ class SeeDNorm(nn.Module):
     """
 
     decayed_parameters = ("alpha", "beta")
+
+    config_fields = ("seednorm_heads", "seednorm_alpha")
 
     def __init__(self, dim: int, eps: float = 1e-6, heads: int = 1, alpha0: float = 1.0):
         super().__init__()
@@ -185,11 +201,6 @@ class SeeDNorm(nn.Module):
     def from_config(cls, dim, cfg, role):
         return cls(dim, eps=cfg.norm_eps, heads=cfg.seednorm_heads, alpha0=cfg.seednorm_alpha)
 
-    def reset_parameters(self):
-        nn.init.ones_(self.weight)
-        nn.init.constant_(self.alpha, self.alpha0)
-        nn.init.zeros_(self.beta)
-
     def forward(self, x):
         # The dot product uses the un-normalised x: that is how the input norm survives normalisation.
         xf = at_least_float32(x)
@@ -200,11 +211,13 @@ class SeeDNorm(nn.Module):
 
 
 @register_norm("frozen")
-class FrozenScaleNorm(nn.Module):
+class FrozenScaleNorm(Norm):
     """LN with a fixed scale (Baroni et al., arXiv 2507.02559 "FakeLN"): gamma * (x - mean) / sigma + beta.
 
     sigma is a persistent buffer, not learned: the map is affine, so it can be folded into its neighbours.
     """
+
+    config_fields = ("norm_bias", "frozen_norm_sigma")
 
     def __init__(self, dim: int, sigma: float = 1.0, bias: bool = True):
         super().__init__()
@@ -217,12 +230,6 @@ class FrozenScaleNorm(nn.Module):
     def from_config(cls, dim, cfg, role):
         return cls(dim, sigma=cfg.frozen_norm_sigma, bias=cfg.norm_bias)
 
-    def reset_parameters(self):
-        nn.init.constant_(self.sigma, self.sigma0)
-        nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-
     def forward(self, x):
         y = self.weight * (x - x.mean(-1, keepdim=True)) / self.sigma
         return y + self.bias if self.bias is not None else y
@@ -234,3 +241,27 @@ def lns_scale(layer_idx: int) -> float:
     A float rather than a buffer on purpose: OLMo-core PR #698 lost a buffer-held scale to re-initialisation.
     """
     return 1.0 / math.sqrt(layer_idx + 1)
+
+
+class LayerNormScaling(Variant):
+    """LayerNorm Scaling (Sun et al., NeurIPS 2025), on when `ModelConfig.layernorm_scaling`: the outputs of the
+    norms that feed layer i's sublayers are scaled by `lns_scale(i)`. Not a registered name but a switch on top
+    of the placement, so it carries its own rules."""
+
+    kind = "depth scaling"
+    selector_field = "layernorm_scaling"
+    registered_name = "layernorm_scaling"
+    depth_dependent = True
+    depth_dependence = "scales layer i by 1/sqrt(i+1)"
+
+    @classmethod
+    def validate(cls, cfg):
+        from .placement import PLACEMENTS
+
+        if not variant_of(cfg, "norm_placement").pre_sublayer_norms:
+            able = [p.registered_name for p in PLACEMENTS.classes() if p.pre_sublayer_norms]
+            fail("layernorm_scaling", True, f"scales pre-sublayer norms, which norm_placement="
+                 f"{cfg.norm_placement!r} does not have; use {', '.join(able[:-1])} or {able[-1]}")
+        if cfg.scaled_init:
+            fail("layernorm_scaling", True, "must not be combined with scaled_init=True: the LNS paper reports "
+                 "that depth-scaled init diminishes its effect; set scaled_init=False")

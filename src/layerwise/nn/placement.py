@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .registry import Registry
+from .registry import Registry, Variant
 
 PLACEMENTS: Registry["Placement"] = Registry("norm placement", "norm_placement")
 register_placement = PLACEMENTS.register
@@ -26,8 +26,15 @@ class SublayerLayout:
     skip_weight: float = 1.0  # alpha on the skip branch inside a post-add norm (DeepNorm)
 
 
-class Placement:
+class Placement(Variant):
     """Base class. `layout(cfg, i)` gives the layout of both sublayers of 0-based layer i."""
+
+    # Every layer updates the stream additively, x <- x + branch(x), so a scheme may route the branch inputs.
+    additive: bool = False
+    # Every layer adds its raw sublayer output to the stream, x <- x + F(Norm(x)) (Pre-LN).
+    adds_raw_branch: bool = False
+    # Some layer has a norm on a sublayer input, which LayerNorm Scaling scales.
+    pre_sublayer_norms: bool = False
 
     def layout(self, cfg, layer_idx: int) -> SublayerLayout:
         raise NotImplementedError
@@ -40,6 +47,8 @@ class Placement:
 @register_placement("pre")
 class PreLN(Placement):
     """Pre-LN (Xiong et al., ICML 2020): x <- x + F(Norm(x)); a final norm precedes the head."""
+
+    additive = adds_raw_branch = pre_sublayer_norms = True
 
     def layout(self, cfg, layer_idx):
         return SublayerLayout(norm_in=True, norm_out=False)
@@ -60,6 +69,8 @@ class PostLN(Placement):
 class PeriLN(Placement):
     """Peri-LN (Kim et al., ICML 2025) = Sandwich-LN (CogView): x <- x + Norm_out(F(Norm_in(x)))."""
 
+    additive = pre_sublayer_norms = True
+
     def layout(self, cfg, layer_idx):
         return SublayerLayout(norm_in=True, norm_out=True)
 
@@ -67,6 +78,11 @@ class PeriLN(Placement):
 @register_placement("mixln")
 class MixLN(Placement):
     """Mix-LN (Li, Yin, Liu; ICLR 2025): Post-LN on the first floor(ratio * L) layers, Pre-LN on the rest."""
+
+    config_fields = ("mixln_ratio",)
+    pre_sublayer_norms = True
+    depth_dependent = True
+    depth_dependence = "takes the number of Post-LN layers from the depth"
 
     @staticmethod
     def post_ln_layers(cfg) -> int:
@@ -86,6 +102,9 @@ class DeepNorm(Placement):
 
     Init: v, o and MLP weights are *divided* by (8N)^(1/4) (torchscale), not multiplied as in the Mix-LN repo.
     """
+
+    depth_dependent = True
+    depth_dependence = "takes its skip weight alpha and its init from the depth"
 
     @staticmethod
     def alpha(n_layers: int) -> float:

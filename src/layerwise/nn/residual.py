@@ -21,13 +21,9 @@ from torch import nn
 from .hooks import HookPoint
 from ..numerics import at_least_float32
 from .norms import RMSNorm
-from .registry import Registry
+from .registry import Registry, Variant, fail, variant_of
 
-RESIDUALS: Registry[nn.Module] = Registry("residual scheme", "residual")
-
-
-def _fail(field: str, value, why: str) -> None:
-    raise ValueError(f"ModelConfig.{field}={value!r} {why}")
+RESIDUALS: Registry["ResidualScheme"] = Registry("residual scheme", "residual")
 
 
 def sublayers(layers) -> Iterator[nn.Module]:
@@ -50,9 +46,6 @@ class DepthAttention(nn.Module):
         self.key_norm = RMSNorm(dim, eps=eps)
         self.hook_weights = HookPoint()  # sees the [S, B, T] depth-attention weights
 
-    def reset_parameters(self):
-        nn.init.zeros_(self.query)
-
     def weights(self, sources: torch.Tensor) -> torch.Tensor:
         """Depth-attention weights [S, B, T] for stacked sources [S, B, T, d], softmax over S in float32."""
         # Elementwise product + sum, not a matmul: autocast would run a matmul in bf16.
@@ -65,12 +58,20 @@ class DepthAttention(nn.Module):
         return (w.unsqueeze(-1) * at_least_float32(v)).sum(0).to(v.dtype)
 
 
-class ResidualScheme(nn.Module):
+class ResidualScheme(Variant, nn.Module):
     """Base class: the state is the stream h unless a scheme says otherwise."""
+
+    # The scheme forms each sublayer's input itself from `branch` outputs, so it needs an additive placement.
+    routes_sublayer_inputs: bool = False
 
     @classmethod
     def validate(cls, cfg):
-        pass
+        from .placement import PLACEMENTS
+
+        if cls.routes_sublayer_inputs and not variant_of(cfg, "norm_placement").additive:
+            able = " or ".join(p.registered_name for p in PLACEMENTS.classes() if p.additive)
+            fail("residual", cfg.residual, f"routes sublayer inputs and needs an additive placement ({able}), "
+                 f"not norm_placement={cfg.norm_placement!r}")
 
     def start(self, h):
         return h
@@ -99,8 +100,20 @@ class StandardResidual(ResidualScheme):
         return layer(h, ctx)
 
 
+class DepthRoutedScheme(ResidualScheme):
+    """Base of the AttnRes schemes: a depth-attention mixer per sublayer, indexed by the sublayer's position."""
+
+    routes_sublayer_inputs = True
+    drop_safe = False
+    drop_hazard = ("AttnRes keeps a depth-attention mixer per sublayer and routes over block boundaries counted in "
+                   "sublayers, so deleting a layer would shift every later mixer and block")
+    repeat_safe = False  # a repeated layer would need mixers for sublayers the scheme does not have
+    depth_dependent = True
+    depth_dependence = "routes each sublayer over the sources before it, counted by position"
+
+
 @RESIDUALS.register("block_attnres")
-class BlockAttnRes(ResidualScheme):
+class BlockAttnRes(DepthRoutedScheme):
     """Block AttnRes (Kimi Team, arXiv 2603.15031): each sublayer reads a depth-softmax over block sums.
 
     Sublayers are split into N blocks of S = 2L/N. Sources for a sublayer are the completed block sums
@@ -108,6 +121,9 @@ class BlockAttnRes(ResidualScheme):
     at every block boundary (0-based: sublayer j with j % S == 0), checked after that sublayer's input is
     formed. The output is one more depth-softmax over all blocks and the last partial sum.
     """
+
+    config_fields = ("attnres_blocks",)
+    depth_dependence = "puts block boundaries every 2L/N sublayers"
 
     def __init__(self, cfg):
         super().__init__()
@@ -122,16 +138,17 @@ class BlockAttnRes(ResidualScheme):
 
     @classmethod
     def validate(cls, cfg):
+        super().validate(cfg)
         n_sub, n = 2 * cfg.n_layers, cls.n_blocks(cfg)
         if not 1 <= n <= n_sub:
-            _fail("attnres_blocks", n, f"exceeds the {n_sub} sublayers of a {cfg.n_layers}-layer model; use 1..{n_sub}")
+            fail("attnres_blocks", n, f"exceeds the {n_sub} sublayers of a {cfg.n_layers}-layer model; use 1..{n_sub}")
         # Blocks hold whole layers (the boundary test is on layers, `layer % (S/2) == 0`), except S = 1: one
         # sublayer per block is Full AttnRes, the limit the paper names.
         valid = [d for d in range(1, n_sub + 1) if n_sub % d == 0 and (d == n_sub or (n_sub // d) % 2 == 0)]
         if n_sub % n:
-            _fail("attnres_blocks", n, f"must divide the {n_sub} sublayers into equal blocks; valid: {valid}")
+            fail("attnres_blocks", n, f"must divide the {n_sub} sublayers into equal blocks; valid: {valid}")
         if n not in valid:
-            _fail("attnres_blocks", n, f"gives blocks of {n_sub // n} sublayers, which split a layer; blocks hold "
+            fail("attnres_blocks", n, f"gives blocks of {n_sub // n} sublayers, which split a layer; blocks hold "
                   f"whole layers (or one sublayer each, Full AttnRes); valid: {valid}")
 
     def source_count_at_output(self, n_layers: int) -> int:
@@ -162,17 +179,16 @@ class FullAttnRes(BlockAttnRes):
     Exactly Block AttnRes with one sublayer per block; `attnres_blocks` is ignored.
     """
 
+    config_fields = ()
+    depth_dependence = DepthRoutedScheme.depth_dependence
+
     @staticmethod
     def n_blocks(cfg) -> int:
         return 2 * cfg.n_layers
 
-    @classmethod
-    def validate(cls, cfg):
-        pass
-
 
 @RESIDUALS.register("delta_attnres")
-class DeltaAttnRes(ResidualScheme):
+class DeltaAttnRes(DepthRoutedScheme):
     """Delta AttnRes (Luo, Cai, Hu): the residual stream stays; each sublayer input adds a depth-softmax over
     the embedding and every earlier sublayer output (the per-sublayer deltas h_{i+1} - h_i).
 
@@ -203,7 +219,7 @@ class DeltaAttnRes(ResidualScheme):
 
 
 @RESIDUALS.register("delta_block_attnres")
-class DeltaBlockAttnRes(ResidualScheme):
+class DeltaBlockAttnRes(DepthRoutedScheme):
     """Delta Block AttnRes (Luo, Cai, Hu): Delta AttnRes whose sources are the embedding and per-block deltas.
 
     Layers are grouped in blocks of ceil(L/N). At the first layer of each block, after its attention input is
@@ -212,6 +228,9 @@ class DeltaBlockAttnRes(ResidualScheme):
     we implement the intended block deltas.
     """
 
+    config_fields = ("attnres_blocks",)
+    depth_dependence = "groups layers in blocks of ceil(L/N)"
+
     def __init__(self, cfg):
         super().__init__()
         self.layers_per_block = math.ceil(cfg.n_layers / cfg.attnres_blocks)
@@ -219,8 +238,9 @@ class DeltaBlockAttnRes(ResidualScheme):
 
     @classmethod
     def validate(cls, cfg):
+        super().validate(cfg)
         if not 1 <= cfg.attnres_blocks <= cfg.n_layers:
-            _fail("attnres_blocks", cfg.attnres_blocks,
+            fail("attnres_blocks", cfg.attnres_blocks,
                   f"exceeds the {cfg.n_layers} layers that delta_block_attnres groups; use 1..{cfg.n_layers}")
 
     def start(self, h):

@@ -10,13 +10,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import Registry
+from .registry import Registry, Variant
 
-VALUE_RESIDUALS: Registry[nn.Module] = Registry("value residual", "value_residual")
+VALUE_RESIDUALS: Registry[Variant] = Registry("value residual", "value_residual")
 
 
-class ValueResidual(nn.Module):
+class ValueResidual(Variant, nn.Module):
     """Base: records layer 0's values and hands later layers' values to `mix`."""
+
+    mixes_values = True  # the model holds one of these and every attention calls it
+    config_fields = ("value_residual_last_k",)
+    depth_dependent = True
+    depth_dependence = "treats layer 0 as the source and sizes its per-layer parameters from the depth"
+    drop_safe = False
+    drop_hazard = ("every layer mixes in layer 0's values through per-layer parameters indexed by layer position, "
+                   "held outside the layers")
+    repeat_safe = False  # a repeated layer would reuse another position's mixing parameters
 
     def __init__(self, cfg):
         super().__init__()
@@ -37,11 +46,10 @@ class ValueResidual(nn.Module):
 
 
 @VALUE_RESIDUALS.register("none")
-class NoValueResidual(nn.Module):
-    """No value residual: each layer uses its own values."""
+class NoValueResidual(Variant):
+    """No value residual: each layer uses its own values, and the model holds no value-residual module."""
 
-    def __init__(self, cfg):
-        super().__init__()
+    mixes_values = False
 
 
 @VALUE_RESIDUALS.register("resformer")
@@ -59,11 +67,6 @@ class ResFormer(ValueResidual):
         self.lambda_scale = nn.Parameter(torch.full((1,), float(cfg.n_layers)))
         self.lambda_self = nn.Parameter(torch.full((n,), 0.5))
 
-    def reset_parameters(self):
-        nn.init.zeros_(self.lambda_logits)
-        nn.init.constant_(self.lambda_scale, float(self.n_layers))
-        nn.init.constant_(self.lambda_self, 0.5)
-
     def mix(self, layer_idx, v, v_first, x):
         lambda_first = self.lambda_scale * torch.softmax(self.lambda_logits, dim=0)[layer_idx - 1]
         return (lambda_first * v_first + self.lambda_self[layer_idx - 1] * v).to(v.dtype)
@@ -79,6 +82,8 @@ class SATFormer(ValueResidual):
     x_n is the layer's normed attention input; W_alpha in R^{H_kv x d} has no bias and init N(0, init_std).
     """
 
+    config_fields = ("value_residual_gate", "value_residual_last_k")
+
     def __init__(self, cfg):
         super().__init__(cfg)
         self.gate_fn = _GATES[cfg.value_residual_gate]
@@ -93,6 +98,5 @@ class SATFormer(ValueResidual):
 
 def build_value_residual(cfg) -> nn.Module | None:
     """The model's value-residual module, or None when each layer keeps its own values."""
-    if cfg.value_residual == "none":
-        return None
-    return VALUE_RESIDUALS.get(cfg.value_residual)(cfg)
+    scheme = VALUE_RESIDUALS.get(cfg.value_residual)
+    return scheme(cfg) if scheme.mixes_values else None

@@ -87,18 +87,14 @@ def _check_prunable(model: nn.Module) -> None:
     config = model.config
     family = getattr(config, "model_type", None)
     if family == "layerwise":
-        if config.residual != "standard":
-            raise ValueError(
-                f"cannot drop layers of a residual={config.residual!r} model: AttnRes keeps a depth-attention "
-                "mixer per sublayer and routes over block boundaries counted in sublayers, so deleting a layer "
-                "would shift every later mixer and block; only residual='standard' models can be pruned"
-            )
-        if config.value_residual != "none":
-            raise ValueError(
-                f"cannot drop layers of a value_residual={config.value_residual!r} model: every layer mixes in "
-                "layer 0's values through per-layer parameters indexed by layer position, held outside the "
-                "layers; only value_residual='none' models can be pruned"
-            )
+        from ..nn.registry import REGISTRIES, selected_variants
+
+        for variant in selected_variants(config):
+            if not variant.drop_safe:
+                field = variant.selector_field
+                safe = " or ".join(f"{field}={v.registered_name!r}" for v in REGISTRIES[field].classes() if v.drop_safe)
+                raise ValueError(f"cannot drop layers of a {field}={getattr(config, field)!r} model: "
+                                 f"{variant.drop_hazard}; only {safe} models can be pruned")
     if family == "gpt2" and getattr(config, "scale_attn_by_inverse_layer_idx", False):
         raise ValueError(
             "cannot drop layers of a GPT-2 with scale_attn_by_inverse_layer_idx=True: layer i scales its "
