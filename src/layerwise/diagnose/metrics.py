@@ -8,8 +8,6 @@ Notation: h_l enters layer l, h_{l+1} leaves it (never final-normed); means are 
   span_angular_distance_last[l]   arccos(cos(h_l, h_{l+n}))/pi at each sequence's last token (Gromov et al.)
   span_angular_distance_all[l]    the same over all tokens
   hidden_rms[l], hidden_var[l]    per-token RMS and variance over d of h_l, l = 0..L
-The quantities training telemetry also logs (hidden_*, *_contribution) are defined once, in
-`layerwise.depth_metrics`, and mean the same number in both.
   layer_contribution[l]           ||h_{l+1} - h_l|| / ||h_l||                               (Csordas et al.)
   attn_contribution[l], mlp_contribution[l]
                                   ||a_l|| / ||h_l|| and ||m_l|| / ||h_l + a_l||: what each sublayer adds over
@@ -29,6 +27,8 @@ The quantities training telemetry also logs (hidden_*, *_contribution) are defin
                                   positions; NaN for l <= s)
 and, over layers, `rank_correlation()`: Spearman's rho of each similarity metric with removal_delta_loss
 (cosine is not importance: arXiv 2605.14075).
+The quantities training telemetry also logs (hidden_*, *_contribution) are defined once, in
+`layerwise.depth_metrics`, and mean the same number in both.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ Two ways to build one:
   Hugging Face families  forward hooks record each decoder layer's call (input, other arguments) and output;
                          resuming re-calls the later layers with the recorded arguments on the new input.
   layerwise models       the residual scheme's own steps (`start` / `step` / `readout`, see
-                         `layerwise.nn.residual`), so every scheme works, AttnRes included. There h_l is
+                         `layerwise.nn.residual`), observed through `layerwise.nn.hooks.capture`, so every
+                         scheme works, AttnRes included. There h_l is
                          `readout(state_l)`: the hidden state the final norm would read if the network stopped
                          before layer l (for the standard scheme, the residual stream itself; under AttnRes,
                          the final depth-attention over the sources that exist at that point). Skipping a layer
