@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from layerwise import LayerwiseForCausalLM, ModelConfig
+from layerwise.nn.hooks import capture
 from layerwise.nn.residual import DepthAttention, sublayers
 
 
@@ -114,11 +115,9 @@ def test_block_attnres_with_one_sublayer_per_block_equals_full_attnres():
 @pytest.mark.parametrize("n_layers,n_blocks", [(6, 12), (6, 6), (6, 3), (6, 2), (6, 1), (4, 8), (5, 5), (27, 9)])
 def test_block_attnres_output_reads_floor_of_l_minus_1_over_p_plus_2_sources(n_layers, n_blocks):
     model = _model("block_attnres", n_layers=n_layers, attnres_blocks=n_blocks, queries="zero")
-    counts = []
-    final = model.model.residual.final_mixer
-    original = final.forward
-    final.forward = lambda sources: (counts.append(len(sources)), original(sources))[1]
-    model(torch.randint(0, 256, (1, 4)))
+    with capture(model, "model.residual.final_mixer.hook_weights") as seen:
+        model(torch.randint(0, 256, (1, 4)))
+    counts = [w.shape[0] for w in seen.calls("model.residual.final_mixer.hook_weights")]  # [S, B, T] weights
     block_size = 2 * n_layers // n_blocks
     assert counts == [(2 * n_layers - 1) // block_size + 2]
     if block_size % 2 == 0:  # the spec's form, P = S/2 layers per block
@@ -160,13 +159,11 @@ def test_delta_attnres_routes_over_per_sublayer_changes():
     torch.testing.assert_close(model(ids).logits, reference_delta_attnres(model, ids))
 
 
-def _record_mixer_sources(model):
-    records = []
-    for j, mixer in enumerate(model.model.residual.mixers):
-        original = mixer.forward
-        mixer.forward = (lambda orig, j: lambda sources: (records.append((j, [s.clone() for s in sources])),
-                                                          orig(sources))[1])(original, j)
-    return records
+def _mixer_sources(model, ids):
+    """(mixer index, its sources) for every depth-attention mixer in one forward, in call order."""
+    with capture(model, "model.residual.mixers.*.hook_sources") as seen:
+        model(ids)
+    return [(j, list(seen[f"model.residual.mixers.{j}.hook_sources"])) for j in range(len(model.model.residual.mixers))]
 
 
 def test_delta_block_sources_are_block_deltas_not_alternating_sums():
@@ -175,8 +172,7 @@ def test_delta_block_sources_are_block_deltas_not_alternating_sums():
     model = _model("delta_block_attnres", n_layers=4, attnres_blocks=4)  # one layer per block
     ids = torch.randint(0, 256, (1, 5))
     e, ctx = _embed_and_context(model, ids)
-    records = _record_mixer_sources(model)
-    model(ids)
+    records = _mixer_sources(model, ids)
     # Recompute the stream at each block start from the recorded forward: block starts are layers 0..3.
     last_sources = records[-1][1]  # the last MLP sublayer sees all four block sources
     assert len(last_sources) == 4
@@ -194,11 +190,9 @@ def test_delta_block_sources_are_block_deltas_not_alternating_sums():
 def _stream_at_layer_starts(model, ids):
     states = []
     # The stream itself is not an input of branch (AttnRes adds routing), so rebuild it from branch outputs.
-    outputs = []
-    for sub in sublayers(model.model.layers):
-        original = sub.branch
-        sub.branch = (lambda orig: lambda x, ctx: (outputs.append(o := orig(x, ctx)), o)[1])(original)
-    model(ids)  # one forward fills `outputs` through the wrapped branches
+    with capture(model, "model.layers.*.hook_out") as seen:
+        model(ids)
+    outputs = list(seen.values())  # attention then MLP of each layer, in layer order
     e, _ = _embed_and_context(model, ids)
     h = e
     for k in range(len(model.model.layers)):
@@ -210,8 +204,7 @@ def _stream_at_layer_starts(model, ids):
 def test_delta_block_with_one_block_per_layer_routes_over_layer_deltas():
     model = _model("delta_block_attnres", n_layers=3, attnres_blocks=3)
     ids = torch.randint(0, 256, (2, 6))
-    records = _record_mixer_sources(model)
-    model(ids)
+    records = _mixer_sources(model, ids)
     # Sublayer j (mixer j-1): attention of layer k sees k+1 sources once its block source is appended after it.
     counts = [len(sources) for _, sources in records]
     assert counts == [1, 1, 2, 2, 3]  # mlp0, attn1, mlp1, attn2, mlp2

@@ -12,6 +12,7 @@ from torch import nn
 from layerwise import LayerwiseForCausalLM, ModelConfig
 from layerwise.diagnose import SUPPORTED_FAMILIES, depth_view, diagnose
 from layerwise.diagnose.metrics import token_batches
+from layerwise.nn.hooks import capture
 
 SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
@@ -138,14 +139,12 @@ def layerwise_model(residual, **overrides):
 def test_layerwise_models_of_every_residual_scheme_end_at_the_model_itself(residual):
     model = layerwise_model(residual, attnres_blocks=3 if residual == "block_attnres" else 2)
     ids = torch.randint(0, 256, (2, 12))
-    final_input = {}
-    hook = model.model.norm.register_forward_pre_hook(lambda m, args: final_input.__setitem__("h", args[0]))
-    with torch.no_grad():
+    with torch.no_grad(), capture(model, "model.hook_final_norm_in") as seen:
         loss = model(ids, labels=ids).loss.item()
-    hook.remove()
     m = diagnose(model, [ids], n_span=2).metrics()
     # h_L is exactly what the final norm reads, so the last lens layer is the model.
-    assert m["hidden_rms"][-1].item() == pytest.approx(final_input["h"].pow(2).mean(-1).sqrt().mean().item(), rel=1e-9)
+    h_L = seen["model.hook_final_norm_in"]
+    assert m["hidden_rms"][-1].item() == pytest.approx(h_L.pow(2).mean(-1).sqrt().mean().item(), rel=1e-9)
     assert abs(m["logit_lens_kl"][-1]) < 1e-9 and m["logit_lens_loss"][-1].item() == pytest.approx(loss, rel=1e-9)
     assert m["loss"][0].item() == pytest.approx(loss, rel=1e-9)
     assert torch.isfinite(m["removal_delta_loss"]).all() and len(m["attention_entropy"]) == 3

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from layerwise import LayerwiseForCausalLM, ModelConfig
+from layerwise.nn.hooks import capture
 from layerwise.nn.attention import ForwardContext, rope_cos_sin
 from layerwise.nn.block import BHyTParallelLayer, Layer, refresh_attention_gains
 from layerwise.nn.norms import (BHyT, DyT, FrozenScaleNorm, LayerNorm, RMSNorm, SeeDNorm, approximate_mean_square,
@@ -159,12 +160,12 @@ def test_dyt_preset_uses_the_llama_recipe_alpha0_08_02_02_no_bias_and_sqrt_d_emb
     assert isinstance(final, DyT) and final.alpha.item() == pytest.approx(0.2) and final.bias is None
     assert model.model.embedding_multiplier.item() == pytest.approx(math.sqrt(cfg.d_model), rel=1e-7)
     # ... and the multiplier is applied: layer 0 reads sqrt(d) * embedding.
-    seen = {}
-    model.model.layers[0].attn.hook_in.register_forward_hook(lambda m, a, out: seen.setdefault("h", out))
     ids = torch.randint(0, cfg.vocab_size, (2, 5))
-    with torch.no_grad():
+    with torch.no_grad(), capture(model, "model.layers.0.attn.hook_in") as seen:
         model(ids)
-        torch.testing.assert_close(seen["h"], model.model.embed_tokens(ids) * math.sqrt(cfg.d_model))
+    with torch.no_grad():
+        torch.testing.assert_close(seen["model.layers.0.attn.hook_in"],
+                                   model.model.embed_tokens(ids) * math.sqrt(cfg.d_model))
 
 
 # ---- §5: BHyT -----------------------------------------------------------------------------------------------
@@ -344,15 +345,11 @@ def test_bhyt_approximate_variance_tracks_the_exact_one_at_init():
     """
     model = LayerwiseForCausalLM(ModelConfig.from_preset("bhyt", "tiny")).double().eval()
     refresh_attention_gains(model, 64)  # T = the sequence length, as the trainer sets it
-    seen = {}
-    for layer in model.model.layers:
-        layer.attn.hook_in.register_forward_hook(lambda m, a, out, i=layer.layer_idx: seen.__setitem__(("h", i), out))
-        layer.attn.hook_out.register_forward_hook(lambda m, a, out, i=layer.layer_idx: seen.__setitem__(("a", i), out))
-    with torch.no_grad():
+    with torch.no_grad(), capture(model, ["model.layers.*.attn.hook_in", "model.layers.*.attn.hook_out"]) as seen:
         model(torch.randint(0, 256, (4, 64)))
     ratios = []
     for layer in model.model.layers:
-        h, a = seen[("h", layer.layer_idx)], seen[("a", layer.layer_idx)]
+        h, a = (seen[f"model.layers.{layer.layer_idx}.attn.{point}"] for point in ("hook_in", "hook_out"))
         norm = layer.attn.norm_in
         approx = approximate_mean_square(h.pow(2).mean(-1, keepdim=True), layer.attn_gain, norm.lam, norm.kappa)
         ratios.append((approx / (h + a).pow(2).mean(-1, keepdim=True)).mean().item())

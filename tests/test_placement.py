@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from layerwise import LayerwiseForCausalLM, ModelConfig
+from layerwise.nn.hooks import capture
 from layerwise.nn.attention import ForwardContext, rope_cos_sin
 from layerwise.nn.initialization import Normal, init_of
 from layerwise.nn.norms import RMSNorm
@@ -79,12 +80,10 @@ def test_lns_layer_0_computes_exactly_what_pre_ln_layer_0_computes_with_the_same
 
 def test_lns_does_not_scale_the_final_norm():
     model = _randomise_norms(_model("lns", n_layers=6))
-    seen = {}
-    model.model.layers[-1].register_forward_hook(lambda m, a, out: seen.setdefault("h", out))
-    with torch.no_grad():
+    with torch.no_grad(), capture(model, "model.hook_final_norm_in") as seen:
         out = model.model(torch.randint(0, 256, (2, 8))).last_hidden_state
     assert type(model.model.norm) is RMSNorm and not hasattr(model.model.norm, "depth_scale")
-    torch.testing.assert_close(out, _rmsnorm(model.model.norm, seen["h"]), **TIGHT)
+    torch.testing.assert_close(out, _rmsnorm(model.model.norm, seen["model.hook_final_norm_in"]), **TIGHT)
 
 
 def test_lns_combined_with_scaled_init_raises_naming_layernorm_scaling():
@@ -227,14 +226,14 @@ def test_peri_ln_sublayer_computes_x_plus_norm_out_of_f_of_norm_in_x():
 
 def test_peri_ln_preset_normalises_the_embedding_output():
     model = _randomise_norms(_model("peri-ln"))
-    seen = {}
-    model.model.layers[0].attn.hook_in.register_forward_hook(lambda m, a, out: seen.setdefault("h", out))
     ids = torch.randint(0, 256, (2, 8))
-    with torch.no_grad():
+    with torch.no_grad(), capture(model, "model.layers.0.attn.hook_in") as seen:
         model(ids)
+    with torch.no_grad():
         emb_norm = model.model.embedding_norm
         assert isinstance(emb_norm, RMSNorm)
-        torch.testing.assert_close(seen["h"], _rmsnorm(emb_norm, model.model.embed_tokens(ids)), **TIGHT)
+        torch.testing.assert_close(seen["model.layers.0.attn.hook_in"],
+                                   _rmsnorm(emb_norm, model.model.embed_tokens(ids)), **TIGHT)
 
 
 def test_scaled_init_divides_output_projections_by_sqrt_2l():

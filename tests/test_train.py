@@ -51,13 +51,14 @@ def test_training_lowers_validation_loss_and_logs_metrics_and_telemetry(corpus, 
     telemetry = [r["telemetry"] for r in recs if "telemetry" in r][-1]
     n_layers = 4
     assert len(telemetry["grad_norm_layers"]) == n_layers and len(telemetry["hidden_rms"]) == n_layers + 1
-    assert len(telemetry["attn_ratio"]) == n_layers and all(v > 0 for v in telemetry["mlp_ratio"])
+    assert len(telemetry["attn_contribution"]) == n_layers and all(v > 0 for v in telemetry["mlp_contribution"])
     if preset == "block-attnres":
         weights = telemetry["depth_weights"]
-        assert len(weights) == 2 * n_layers + 1
+        assert len(weights) == 2 * n_layers + 1 and "model.residual.final_mixer" in weights
         assert all(abs(sum(w) - 1) < 1e-4 for w in weights.values())  # mean weights over tokens sum to 1
+        assert len(telemetry["routed_input_rms"]) == n_layers
     else:
-        assert "depth_weights" not in telemetry
+        assert "depth_weights" not in telemetry and "routed_input_rms" not in telemetry
     if preset == "pre-ln":
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -85,9 +86,9 @@ def test_telemetry_hidden_rms_is_the_residual_stream_rms_for_pre_ln(corpus, tmp_
     from layerwise.nn.attention import ForwardContext, rope_cos_sin
     ctx = ForwardContext(rope=rope_cos_sin(torch.arange(16)[None], 32, 10000.0))
     for layer in model.model.layers:
-        expected.append(h.pow(2).mean().sqrt().item())
+        expected.append(h.pow(2).mean(-1).sqrt().mean().item())  # per-token RMS, then the mean over tokens
         h = layer(h, ctx)
-    expected.append(h.pow(2).mean().sqrt().item())
+    expected.append(h.pow(2).mean(-1).sqrt().mean().item())
     assert rec["hidden_rms"] == pytest.approx(expected, rel=1e-5)
 
 

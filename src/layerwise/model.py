@@ -19,6 +19,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .config import ModelConfig
 from .nn.attention import ForwardContext, rope_cos_sin
 from .nn.block import build_layer
+from .nn.hooks import HookPoint
 from .nn.initialization import attach_init, init_weights
 from .nn.norms import build_norm
 from .nn.residual import build_residual
@@ -74,6 +75,7 @@ class LayerwiseModel(LayerwisePreTrainedModel):
         self.residual = build_residual(config)
         self.value_residual = build_value_residual(config)
         self.norm = build_norm(config, "final")
+        self.hook_final_norm_in = HookPoint()  # h_L, what the final norm reads (no parameters, no state-dict key)
         attach_init(self)
         self.post_init()
 
@@ -87,7 +89,8 @@ class LayerwiseModel(LayerwisePreTrainedModel):
                 inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
         h, ctx = self.embed(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache)
         h = self.residual(h, self.layers, ctx)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(h), past_key_values=ctx.cache)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(self.hook_final_norm_in(h)),
+                                       past_key_values=ctx.cache)
 
     def embed(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
               inputs_embeds=None, use_cache=None) -> tuple[torch.Tensor, ForwardContext]:

@@ -7,7 +7,7 @@ Notation: h_l enters layer l, h_{l+1} leaves it (never final-normed); means are 
   block_influence[l]              1 - cos(h_l, h_{l+1})                                     (ShortGPT)
   span_angular_distance_last[l]   arccos(cos(h_l, h_{l+n}))/pi at each sequence's last token (Gromov et al.)
   span_angular_distance_all[l]    the same over all tokens
-  hidden_rms[l], hidden_var[l]    RMS and per-token variance over d of h_l, l = 0..L
+  hidden_rms[l], hidden_var[l]    per-token RMS and variance over d of h_l, l = 0..L
   layer_contribution[l]           ||h_{l+1} - h_l|| / ||h_l||                               (Csordas et al.)
   attn_contribution[l], mlp_contribution[l]
                                   ||a_l|| / ||h_l|| and ||m_l|| / ||h_l + a_l||: what each sublayer adds over
@@ -27,6 +27,8 @@ Notation: h_l enters layer l, h_{l+1} leaves it (never final-normed); means are 
                                   positions; NaN for l <= s)
 and, over layers, `rank_correlation()`: Spearman's rho of each similarity metric with removal_delta_loss
 (cosine is not importance: arXiv 2605.14075).
+The quantities training telemetry also logs (hidden_*, *_contribution) are defined once, in
+`layerwise.depth_metrics`, and mean the same number in both.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from ..arch import depth_view
+from ..depth_metrics import contribution, token_norm, token_rms, token_var
 from ..numerics import at_least_float32
 from .trace import DepthTrace, trace
 
@@ -52,7 +55,7 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _norm_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """Per-token ||num|| / ||den||, [B, T] in float64."""
-    return num.double().norm(dim=-1) / den.double().norm(dim=-1).clamp_min(1e-12)
+    return contribution(token_norm(num), token_norm(den))
 
 
 def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -106,8 +109,8 @@ def _geometry(result: DepthDiagnosis, t: DepthTrace, n_span: int, n_tok: int, n_
     result.add("span_angular_distance_all", torch.stack([torch.arccos(c).sum() / math.pi for c in span]), n_tok)
     result.add("span_angular_distance_last", torch.stack([torch.arccos(c[:, -1]).sum() / math.pi for c in span]),
                n_seq)
-    result.add("hidden_rms", torch.stack([s.double().pow(2).mean(-1).sqrt().sum() for s in h]), n_tok)
-    result.add("hidden_var", torch.stack([s.double().var(-1, unbiased=False).sum() for s in h]), n_tok)
+    result.add("hidden_rms", torch.stack([token_rms(s).sum() for s in h]), n_tok)
+    result.add("hidden_var", torch.stack([token_var(s).sum() for s in h]), n_tok)
     result.add("layer_contribution", torch.stack([_norm_ratio(h[i + 1] - h[i], h[i]).sum() for i in range(L)]),
                n_tok)
     if t.sublayers is not None:

@@ -9,7 +9,8 @@ Two ways to build one:
   Hugging Face families  forward hooks record each decoder layer's call (input, other arguments) and output;
                          resuming re-calls the later layers with the recorded arguments on the new input.
   layerwise models       the residual scheme's own steps (`start` / `step` / `readout`, see
-                         `layerwise.nn.residual`), so every scheme works, AttnRes included. There h_l is
+                         `layerwise.nn.residual`), observed through `layerwise.nn.hooks.capture`, so every
+                         scheme works, AttnRes included. There h_l is
                          `readout(state_l)`: the hidden state the final norm would read if the network stopped
                          before layer l (for the standard scheme, the residual stream itself; under AttnRes,
                          the final depth-attention over the sources that exist at that point). Skipping a layer
@@ -27,6 +28,7 @@ from typing import Callable
 import torch
 
 from ..arch import DepthView
+from ..nn.hooks import capture
 from ..numerics import at_least_float32
 
 
@@ -132,54 +134,38 @@ def hf_trace(model, view: DepthView, ids: torch.Tensor, entropy: bool = True) ->
     return DepthTrace(hidden, logits, sublayers, entropies, resume)
 
 
-def _layerwise_entropy_hooks(layers, store: dict):
-    """Attention entropy of layerwise attention from the queries/keys SDPA receives (causal, no padding)."""
-    handles = []
-    for i, layer in enumerate(layers):
-        attn = layer.attn.fn
-        seen = {}
-
-        def on_q(m, args, q, seen=seen):
-            seen["q"] = q
-
-        def on_k(m, args, k, i=i, attn=attn, seen=seen):
-            q = at_least_float32(seen.pop("q"))
-            k = at_least_float32(k).repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=1)
-            scores = q @ k.transpose(-1, -2) / math.sqrt(attn.head_dim)
-            T = scores.shape[-1]
-            causal = torch.ones(T, T, dtype=torch.bool, device=scores.device).tril()
-            store[i] = attention_entropy(scores.masked_fill(~causal, float("-inf")).softmax(-1))
-
-        handles += [attn.hook_q.register_forward_hook(on_q), attn.hook_k.register_forward_hook(on_k)]
-    return handles
+def _causal_attention_entropy(attn, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Attention entropy of layerwise attention from the queries/keys SDPA received (causal, no padding)."""
+    q = at_least_float32(q)
+    k = at_least_float32(k).repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(attn.head_dim)
+    T = scores.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=scores.device).tril()
+    return attention_entropy(scores.masked_fill(~causal, float("-inf")).softmax(-1))
 
 
 def layerwise_trace(model, ids: torch.Tensor, entropy: bool = True) -> DepthTrace:
     inner = model.model
     scheme, layers = inner.residual, inner.layers
     L = len(layers)
-    io: dict[tuple[int, str], torch.Tensor] = {}
-    entropies: dict[int, torch.Tensor] = {}
-    handles = []
-    for i, layer in enumerate(layers):
-        for kind, sub in (("attn", layer.attn), ("mlp", layer.mlp)):
-            handles.append(sub.hook_in.register_forward_hook(
-                lambda m, args, x, key=(i, f"{kind}_in"): io.__setitem__(key, x)))
-            handles.append(sub.hook_out.register_forward_hook(
-                lambda m, args, y, key=(i, f"{kind}_out"): io.__setitem__(key, y)))
+    names = ["model.layers.*.hook_in", "model.layers.*.hook_out"]
     if entropy:
-        handles += _layerwise_entropy_hooks(layers, entropies)
-    try:
+        names += ["model.layers.*.attn.fn.hook_q", "model.layers.*.attn.fn.hook_k"]
+    with capture(model, names) as seen:
         h, ctx = inner.embed(input_ids=ids)
         states = [scheme.start(h)]
         for i, layer in enumerate(layers):
             states.append(scheme.step(states[-1], i, layer, ctx))
-    finally:
-        for handle in handles:
-            handle.remove()
     hidden = [scheme.readout(state) for state in states]
     logits = at_least_float32(model.lm_head(inner.norm(hidden[-1])))
-    sublayers = [SublayerIO(io[i, "attn_in"], io[i, "attn_out"], io[i, "mlp_in"], io[i, "mlp_out"]) for i in range(L)]
+    sublayers = [SublayerIO(*(seen[f"model.layers.{i}.{point}"]
+                              for point in ("attn.hook_in", "attn.hook_out", "mlp.hook_in", "mlp.hook_out")))
+                 for i in range(L)]
+    entropies = None
+    if entropy:
+        entropies = torch.stack([_causal_attention_entropy(layers[i].attn.fn, seen[f"model.layers.{i}.attn.fn.hook_q"],
+                                                           seen[f"model.layers.{i}.attn.fn.hook_k"])
+                                 for i in range(L)])
 
     def resume(first: int, count: int) -> list[torch.Tensor]:
         state, out = states[first], [hidden[first]]
@@ -188,8 +174,7 @@ def layerwise_trace(model, ids: torch.Tensor, entropy: bool = True) -> DepthTrac
             out.append(scheme.readout(state))
         return out
 
-    return DepthTrace(hidden, logits, sublayers,
-                      torch.stack([entropies[i] for i in range(L)]) if entropy else None, resume)
+    return DepthTrace(hidden, logits, sublayers, entropies, resume)
 
 
 def trace(model, view: DepthView, ids: torch.Tensor, entropy: bool = True) -> DepthTrace:

@@ -44,6 +44,7 @@ class DepthAttention(nn.Module):
         super().__init__()
         self.query = nn.Parameter(torch.zeros(dim))
         self.key_norm = RMSNorm(dim, eps=eps)
+        self.hook_sources = HookPoint()  # sees the stacked [S, B, T, d] sources
         self.hook_weights = HookPoint()  # sees the [S, B, T] depth-attention weights
 
     def weights(self, sources: torch.Tensor) -> torch.Tensor:
@@ -53,7 +54,7 @@ class DepthAttention(nn.Module):
         return logits.softmax(dim=0)
 
     def forward(self, sources: list[torch.Tensor]) -> torch.Tensor:
-        v = torch.stack(sources)
+        v = self.hook_sources(torch.stack(sources))
         w = self.hook_weights(self.weights(v))
         return (w.unsqueeze(-1) * at_least_float32(v)).sum(0).to(v.dtype)
 

@@ -63,6 +63,19 @@ def plot_loss_curves(runs: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
+# Telemetry names before the shared vocabulary (layerwise.depth_metrics): runs written then still plot.
+# Their hidden_rms was one RMS over all values (the routed input under AttnRes), close to but not the
+# per-token mean of today's runs.
+OLD_TELEMETRY_NAMES = {"attn_contribution": "attn_ratio", "mlp_contribution": "mlp_ratio"}
+
+
+def telemetry_series(telemetry: dict | None, name: str) -> list[float] | None:
+    """One per-layer telemetry series of a run, read under its old name where the run predates the rename."""
+    if not telemetry:
+        return None
+    return telemetry.get(name, telemetry.get(OLD_TELEMETRY_NAMES.get(name, name)))
+
+
 def plot_depth_profile(runs: dict[str, list[dict]], path: Path) -> None:
     import matplotlib
 
@@ -72,13 +85,13 @@ def plot_depth_profile(runs: dict[str, list[dict]], path: Path) -> None:
 
     panels = [("hidden_rms", "hidden-state RMS at layer boundary (L = final-norm input)", "boundary", True),
               ("grad_norm_layers", "gradient norm per layer", "layer", True),
-              ("mlp_ratio", "MLP output / input norm", "layer", True)]
+              ("mlp_contribution", "MLP contribution ||m_l|| / ||input||", "layer", True)]
     fig, axes = plt.subplots(1, len(panels), figsize=(15, 4.2))
     for ax, (key, title, xlabel, log) in zip(axes, panels):
         for name, summaries in runs.items():
-            telemetry = summaries[0]["telemetry"]
-            if telemetry and key in telemetry:
-                ax.plot(range(len(telemetry[key])), telemetry[key], marker="o", ms=3, label=name)
+            series = telemetry_series(summaries[0]["telemetry"], key)
+            if series:
+                ax.plot(range(len(series)), series, marker="o", ms=3, label=name)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(xlabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
