@@ -25,8 +25,8 @@ def corpus(tmp_path_factory) -> Path:
     return build_corpus(["shakespeare"], tmp_path_factory.mktemp("data") / "shakespeare", vocab_size=512)
 
 
-def small(corpus, out, **overrides) -> TrainConfig:
-    base = dict(preset="pre-rmsnorm", size="tiny", data=str(corpus), out=str(out), max_tokens=24 * 8 * 64,
+def small(corpus, out, preset="pre-rmsnorm", **overrides) -> TrainConfig:
+    base = dict(model=dict(preset=preset, size="tiny"), data=str(corpus), out=str(out), max_tokens=24 * 8 * 64,
                 batch_size=8, seq_len=64, lr=3e-3, warmup=2, eval_every=12, eval_batches=4, telemetry_every=12,
                 ckpt_every=12, log_every=1, tensorboard=False)
     return TrainConfig(**{**base, **overrides})
@@ -186,7 +186,8 @@ def test_train_config_reads_counts_and_rejects_bad_fields(tmp_path):
     with pytest.raises(ValueError, match="unknown field.*learning_rate"):
         TrainConfig.from_dict({"learning_rate": 1e-3})
     cfg = apply_overrides(TrainConfig(), ["lr=3e-4", "model.n_layers=6", "max_tokens=1M"])
-    assert cfg.lr == 3e-4 and cfg.model == {"n_layers": 6} and cfg.max_tokens == 1_000_000
+    assert cfg.lr == 3e-4 and cfg.model == {"preset": "pre-rmsnorm", "size": "tiny", "n_layers": 6}
+    assert cfg.max_tokens == 1_000_000
     path = tmp_path / "t.yaml"
     cfg.save_yaml(path)
     assert TrainConfig.from_yaml(path) == cfg
