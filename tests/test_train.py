@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from layerwise.config import ModelConfig, field_names
 from layerwise.data.build import build_corpus
+from layerwise.errors import UserError
 from layerwise.train.checkpoint import CorruptCheckpoint, latest_valid_checkpoint, list_checkpoints, verify_checkpoint
 from layerwise.train.config import TrainConfig, apply_overrides, parse_count
 from layerwise.train.optim import lr_at, param_groups
-from layerwise.train.trainer import TrainingDiverged, Trainer, train
+from layerwise.train.trainer import TrainingDiverged, Trainer, build_model_config, train
 
 
 @pytest.fixture(scope="session")
@@ -191,6 +193,45 @@ def test_train_config_reads_counts_and_rejects_bad_fields(tmp_path):
     path = tmp_path / "t.yaml"
     cfg.save_yaml(path)
     assert TrainConfig.from_yaml(path) == cfg
+
+
+def test_the_model_is_one_mapping_of_preset_size_and_model_config_fields():
+    cfg = TrainConfig(model={"preset": "lns", "n_layers": 2})
+    assert cfg.model == {"preset": "lns", "size": "tiny", "n_layers": 2}
+    with pytest.raises(UserError, match="TrainConfig.model got unknown field.*n_layer;"):
+        TrainConfig(model={"n_layer": 2})
+    with pytest.raises(UserError, match="TrainConfig.model.preset='nope'"):
+        TrainConfig(model={"preset": "nope"})
+    with pytest.raises(UserError, match="TrainConfig.model.size='2b'"):
+        TrainConfig(model={"size": "2b"})
+    for old, new in (("vocab_size", "tokenizer_vocab_size"), ("preset", "model.preset"), ("size", "model.size")):
+        with pytest.raises(UserError, match=f"TrainConfig.{old} is now {new}"):
+            TrainConfig.from_dict({old: 300})
+
+
+def test_a_train_yaml_saved_before_the_model_mapping_still_reads():
+    legacy = TrainConfig.from_yaml(Path(__file__).parent / "data" / "legacy-train.yaml")
+    assert legacy.model == {"preset": "peri-ln", "size": "tiny", "n_layers": 2}
+    assert legacy.tokenizer_vocab_size == 300 and legacy.lr == 2e-3 and legacy.out == "runs/old"
+    assert legacy == TrainConfig(model={"preset": "peri-ln", "n_layers": 2}, tokenizer_vocab_size=300, lr=2e-3,
+                                 out="runs/old")
+
+
+def test_a_legacy_model_config_file_becomes_the_model_mapping(tmp_path):
+    with_preset, plain = tmp_path / "with_preset.yaml", tmp_path / "plain.yaml"
+    with_preset.write_text("preset: lns\nd_model: 64\n")
+    plain.write_text("d_model: 64\nn_layers: 2\nn_heads: 2\n")
+    train_yaml = tmp_path / "train.yaml"
+    # model_config replaced the top-level preset and size; `model:` overrides still went on top.
+    train_yaml.write_text(f"preset: dyt\nsize: 124m\nmodel_config: {with_preset}\nmodel: {{n_layers: 2}}\n")
+    assert TrainConfig.from_yaml(train_yaml).model == {"preset": "lns", "size": "tiny", "d_model": 64, "n_layers": 2}
+    train_yaml.write_text(f"model_config: {plain}\n")
+    cfg = TrainConfig.from_yaml(train_yaml)
+    # A file without `preset` was read over ModelConfig's defaults; the converted mapping builds the same model.
+    model_cfg = build_model_config(cfg, vocab_size=256)
+    expected = ModelConfig(d_model=64, n_layers=2, n_heads=2, vocab_size=256, max_seq_len=256)
+    assert {k: getattr(model_cfg, k) for k in field_names() if k != "preset"} == \
+        {k: getattr(expected, k) for k in field_names() if k != "preset"}
 
 
 def test_schedules_warm_up_then_decay_to_the_floor():

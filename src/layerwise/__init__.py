@@ -2,8 +2,9 @@
 
 Importing the package registers model_type "layerwise" with transformers' Auto classes, so
 `AutoModelForCausalLM.from_pretrained(folder)` loads layerwise checkpoints without trust_remote_code.
-The registration runs when transformers is imported (at once if it already is): the command line, which
-imports neither torch nor transformers for `--help`, pays for them only in the commands that use them.
+The registration runs when transformers' Auto classes are imported (at once if they already are), which is
+before anyone can use them; so the command line, which imports neither torch nor transformers for `--help`,
+pays for them only in the commands that need them.
 """
 
 import importlib
@@ -27,12 +28,17 @@ def __dir__():
     return sorted(list(globals()) + list(_EXPORTS))
 
 
+_AUTO = "transformers.models.auto"
+
+
 def _register():
-    importlib.import_module(".model", __name__)  # registers with the Auto classes at its bottom
+    # layerwise.model registers at its bottom; when its own import is what loads the Auto classes, this
+    # returns the half-imported module and the registration follows when it finishes.
+    importlib.import_module(".model", __name__)
 
 
 class _RegisterAfter(importlib.abc.Loader):
-    """transformers' own loader, then the registration."""
+    """transformers' own loader for its Auto classes, then the registration."""
 
     def __init__(self, loader):
         self.loader = loader
@@ -48,9 +54,9 @@ class _RegisterAfter(importlib.abc.Loader):
         return getattr(self.loader, name)
 
 
-class _RegisterWhenTransformersLoads(importlib.abc.MetaPathFinder):
+class _RegisterWithAutoClasses(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name != "transformers":
+        if name != _AUTO:
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)
@@ -59,7 +65,7 @@ class _RegisterWhenTransformersLoads(importlib.abc.MetaPathFinder):
         return spec
 
 
-if "transformers" in sys.modules:
+if _AUTO in sys.modules:
     _register()
-elif not any(isinstance(finder, _RegisterWhenTransformersLoads) for finder in sys.meta_path):
-    sys.meta_path.insert(0, _RegisterWhenTransformersLoads())
+elif not any(isinstance(finder, _RegisterWithAutoClasses) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterWithAutoClasses())
