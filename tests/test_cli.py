@@ -127,11 +127,34 @@ def test_user_errors_are_one_line_and_debug_shows_the_traceback():
     command = ["-m", "layerwise.cli", "train", "--preset", "nope", "--dry-run"]
     proc = subprocess.run([sys.executable, *command], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr
-    assert proc.stdout.splitlines() == [proc.stdout.strip()] and proc.stdout.startswith("error: TrainConfig.model.preset")
+    assert proc.stdout.splitlines() == [proc.stdout.strip()]
+    assert proc.stdout.startswith("error: TrainConfig.model.preset='nope'")
     for how in (dict(args=["--debug"], env={}), dict(args=[], env={"LAYERWISE_DEBUG": "1"})):
         proc = subprocess.run([sys.executable, *command[:2], *how["args"], *command[2:]], capture_output=True,
                               text=True, env={**os.environ, **how["env"]})
         assert proc.returncode == 1 and "Traceback" in proc.stderr and "UserError" in proc.stderr
+
+
+def test_diagnose_runs_in_the_dtype_and_device_asked_for(tmp_path):
+    import numpy as np
+
+    from layerwise.data.shards import write_shard
+
+    torch.manual_seed(0)
+    LayerwiseForCausalLM(ModelConfig.from_preset("pre-rmsnorm", "tiny", n_layers=2)).save_pretrained(tmp_path / "m")
+    shard = write_shard(tmp_path / "t.bin", np.random.default_rng(0).integers(0, 256, 512), 256)
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        result = runner.invoke(app, ["diagnose", str(tmp_path / "m"), "--data", str(shard), "--tokens", "256",
+                                     "--seq-len", "64", "--n-span", "2", "--no-removal", "--no-attention-entropy",
+                                     "--device", "cpu", "--dtype", dtype, "--out", str(out)])
+        assert result.exit_code == 0, result.output + repr(result.exception)
+        report = json.loads((out / "diagnosis.json").read_text())
+        assert report["dtype"] == dtype and report["device"] == "cpu"
+        losses[dtype] = report["metrics"]["loss"][0]
+    assert losses["bfloat16"] != losses["float32"]  # the weights really were bf16
+    assert abs(losses["bfloat16"] - losses["float32"]) < 0.05
 
 
 def test_data_build_command_writes_shards_and_manifest(tmp_path):
