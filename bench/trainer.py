@@ -56,7 +56,7 @@ def main(argv=None) -> dict:
                 write_llmc_shard(Path(tmp) / f"random_{split}_000.bin", rng.integers(0, 50257, n))
             data = tmp
         log_every = 10
-        cfg = TrainConfig(preset=args.preset, size=args.size, data=data, out=str(Path(tmp) / "run"),
+        cfg = TrainConfig(model=dict(preset=args.preset, size=args.size), data=data, out=str(Path(tmp) / "run"),
                           max_tokens=args.steps * args.batch * args.seq, batch_size=args.batch, seq_len=args.seq,
                           log_every=log_every, eval_every=10**9, eval_batches=1, telemetry_every=10**9,
                           ckpt_every=10**9, compile=cuda, tensorboard=False, warmup=0)

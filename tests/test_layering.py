@@ -3,7 +3,8 @@
 Every `import` in src/layerwise is parsed (module level and inside functions alike) and each edge between two
 parts of the package must go to a strictly lower level. Two parts on the same level never import each other
 (e.g. `transform` may not use `diagnose`: what both need lives one level down). A package's `cli` module is its
-command-line face and sits at the top, beside `layerwise.cli`.
+command-line face and sits at the top, beside `layerwise.cli`; `cli_options` (what the commands share) sits
+just below them.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ LEVELS = {
     "train": 5, "diagnose": 5, "evaluate": 5, "transform": 5,
     "report": 6,
     "compare": 7,
+    "cli_options": 7,
     "cli": 8,
 }
 # config -> validation -> presets -> model form the model layer; within it only these edges exist.

@@ -12,11 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from layerwise.config import ModelConfig, field_names
 from layerwise.data.build import build_corpus
+from layerwise.errors import UserError
 from layerwise.train.checkpoint import CorruptCheckpoint, latest_valid_checkpoint, list_checkpoints, verify_checkpoint
 from layerwise.train.config import TrainConfig, apply_overrides, parse_count
 from layerwise.train.optim import lr_at, param_groups
-from layerwise.train.trainer import TrainingDiverged, Trainer, attention_gain_refresh_every, train
+from layerwise.train.trainer import (TrainingDiverged, Trainer, attention_gain_refresh_every, build_model_config,
+                                      train)
 
 
 @pytest.fixture(scope="session")
@@ -25,8 +28,8 @@ def corpus(tmp_path_factory) -> Path:
     return build_corpus(["shakespeare"], tmp_path_factory.mktemp("data") / "shakespeare", vocab_size=512)
 
 
-def small(corpus, out, **overrides) -> TrainConfig:
-    base = dict(preset="pre-rmsnorm", size="tiny", data=str(corpus), out=str(out), max_tokens=24 * 8 * 64,
+def small(corpus, out, preset="pre-rmsnorm", **overrides) -> TrainConfig:
+    base = dict(model=dict(preset=preset, size="tiny"), data=str(corpus), out=str(out), max_tokens=24 * 8 * 64,
                 batch_size=8, seq_len=64, lr=3e-3, warmup=2, eval_every=12, eval_batches=4, telemetry_every=12,
                 ckpt_every=12, log_every=1, tensorboard=False)
     return TrainConfig(**{**base, **overrides})
@@ -187,10 +190,50 @@ def test_train_config_reads_counts_and_rejects_bad_fields(tmp_path):
     with pytest.raises(ValueError, match="unknown field.*learning_rate"):
         TrainConfig.from_dict({"learning_rate": 1e-3})
     cfg = apply_overrides(TrainConfig(), ["lr=3e-4", "model.n_layers=6", "max_tokens=1M"])
-    assert cfg.lr == 3e-4 and cfg.model == {"n_layers": 6} and cfg.max_tokens == 1_000_000
+    assert cfg.lr == 3e-4 and cfg.model == {"preset": "pre-rmsnorm", "size": "tiny", "n_layers": 6}
+    assert cfg.max_tokens == 1_000_000
     path = tmp_path / "t.yaml"
     cfg.save_yaml(path)
     assert TrainConfig.from_yaml(path) == cfg
+
+
+def test_the_model_is_one_mapping_of_preset_size_and_model_config_fields():
+    cfg = TrainConfig(model={"preset": "lns", "n_layers": 2})
+    assert cfg.model == {"preset": "lns", "size": "tiny", "n_layers": 2}
+    with pytest.raises(UserError, match="TrainConfig.model got unknown field.*n_layer;"):
+        TrainConfig(model={"n_layer": 2})
+    with pytest.raises(UserError, match="TrainConfig.model.preset='nope'"):
+        TrainConfig(model={"preset": "nope"})
+    with pytest.raises(UserError, match="TrainConfig.model.size='2b'"):
+        TrainConfig(model={"size": "2b"})
+    for old, new in (("vocab_size", "tokenizer_vocab_size"), ("preset", "model.preset"), ("size", "model.size")):
+        with pytest.raises(UserError, match=f"TrainConfig.{old} is now {new}"):
+            TrainConfig.from_dict({old: 300})
+
+
+def test_a_train_yaml_saved_before_the_model_mapping_still_reads():
+    legacy = TrainConfig.from_yaml(Path(__file__).parent / "data" / "legacy-train.yaml")
+    assert legacy.model == {"preset": "peri-ln", "size": "tiny", "n_layers": 2}
+    assert legacy.tokenizer_vocab_size == 300 and legacy.lr == 2e-3 and legacy.out == "runs/old"
+    assert legacy == TrainConfig(model={"preset": "peri-ln", "n_layers": 2}, tokenizer_vocab_size=300, lr=2e-3,
+                                 out="runs/old")
+
+
+def test_a_legacy_model_config_file_becomes_the_model_mapping(tmp_path):
+    with_preset, plain = tmp_path / "with_preset.yaml", tmp_path / "plain.yaml"
+    with_preset.write_text("preset: lns\nd_model: 64\n")
+    plain.write_text("d_model: 64\nn_layers: 2\nn_heads: 2\n")
+    train_yaml = tmp_path / "train.yaml"
+    # model_config replaced the top-level preset and size; `model:` overrides still went on top.
+    train_yaml.write_text(f"preset: dyt\nsize: 124m\nmodel_config: {with_preset}\nmodel: {{n_layers: 2}}\n")
+    assert TrainConfig.from_yaml(train_yaml).model == {"preset": "lns", "size": "tiny", "d_model": 64, "n_layers": 2}
+    train_yaml.write_text(f"model_config: {plain}\n")
+    cfg = TrainConfig.from_yaml(train_yaml)
+    # A file without `preset` was read over ModelConfig's defaults; the converted mapping builds the same model.
+    model_cfg = build_model_config(cfg, vocab_size=256)
+    expected = ModelConfig(d_model=64, n_layers=2, n_heads=2, vocab_size=256, max_seq_len=256)
+    assert {k: getattr(model_cfg, k) for k in field_names() if k != "preset"} == \
+        {k: getattr(expected, k) for k in field_names() if k != "preset"}
 
 
 def test_schedules_warm_up_then_decay_to_the_floor():

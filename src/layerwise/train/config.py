@@ -10,7 +10,10 @@ from typing import Any
 
 import yaml
 
+from ..errors import UserError
+
 SCHEDULES = ("cosine", "wsd", "constant")
+DEFAULT_MODEL = {"preset": "pre-rmsnorm", "size": "tiny"}
 
 
 def parse_count(value: int | float | str) -> int:
@@ -26,14 +29,11 @@ def parse_count(value: int | float | str) -> int:
 
 @dataclass
 class TrainConfig:
-    # Model: a preset at a size, plus ModelConfig field overrides (or a model YAML for ModelConfig.from_yaml).
-    preset: str = "pre-rmsnorm"
-    size: str = "tiny"
-    model: dict[str, Any] = field(default_factory=dict)
-    model_config: str | None = None
+    # Model: `preset` at `size`, then any ModelConfig fields on top (the only place a model is given).
+    model: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_MODEL))
     # Data: a built corpus folder, llm.c shards, a text file/folder or a datasets folder; None = Shakespeare.
     data: str | None = None
-    vocab_size: int = 4096  # BPE vocabulary when layerwise builds the default corpus
+    tokenizer_vocab_size: int = 4096  # BPE vocabulary when layerwise builds the default corpus (not the model's)
     out: str = "runs/run"
     # Budget and batch: the global batch stays fixed across world sizes (accumulation absorbs the rest).
     max_tokens: int = 2_000_000
@@ -71,6 +71,7 @@ class TrainConfig:
     threads: int = 0  # CPU threads for torch; 0 = torch's default
 
     def __post_init__(self):
+        self.model = model_mapping(self.model)
         self.max_tokens = parse_count(self.max_tokens)
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -87,7 +88,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} {why}")
 
         for name in ("max_tokens", "batch_size", "seq_len", "eval_batches", "log_every", "eval_every",
-                     "telemetry_every", "ckpt_every", "keep_checkpoints", "max_bad_steps", "vocab_size"):
+                     "telemetry_every", "ckpt_every", "keep_checkpoints", "max_bad_steps", "tokenizer_vocab_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 fail(name, "must be a positive integer")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
@@ -122,6 +123,9 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         valid = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - valid)
+        for name in unknown:
+            if name in MOVED:
+                raise UserError(f"TrainConfig.{name} is now {MOVED[name]}")
         if unknown:
             raise ValueError(f"TrainConfig got unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
         return cls(**data)
@@ -132,10 +136,62 @@ class TrainConfig:
             data = yaml.safe_load(f) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of TrainConfig fields")
+        if LEGACY_MODEL_KEYS & set(data):
+            data = convert_legacy(data)
         return cls.from_dict({**data, **overrides})
 
     def save_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def model_mapping(model: Any) -> dict[str, Any]:
+    """`model:` with its preset and size filled in; its other keys must be ModelConfig fields."""
+    from ..config import field_names
+    from ..presets import PRESETS, SIZES
+
+    if not isinstance(model, dict):
+        raise UserError(f"TrainConfig.model={model!r} must be a mapping, e.g. model: {{preset: lns, size: tiny}}")
+    model = {**DEFAULT_MODEL, **model}
+    if model["preset"] not in PRESETS:
+        raise UserError(f"TrainConfig.model.preset={model['preset']!r} is not a preset; valid: {', '.join(PRESETS)}")
+    if model["size"] not in SIZES:
+        raise UserError(f"TrainConfig.model.size={model['size']!r} is not a size; valid: {', '.join(SIZES)}")
+    unknown = sorted(set(model) - set(DEFAULT_MODEL) - set(field_names()))
+    if unknown:
+        raise UserError(f"TrainConfig.model got unknown field(s) {', '.join(unknown)}; it takes preset, size and "
+                        "ModelConfig fields (`layerwise train --dry-run` prints them)")
+    return model
+
+
+MOVED = {
+    "vocab_size": "tokenizer_vocab_size (the BPE vocabulary of the default corpus); the model's is model.vocab_size",
+    "preset": "model.preset (e.g. model: {preset: lns, size: tiny}, or --preset lns)",
+    "size": "model.size (e.g. model: {preset: lns, size: tiny}, or --size tiny)",
+    "model_config": "the model: mapping (preset, size and ModelConfig fields)",
+}
+# Before the `model:` mapping, train.yaml (and every run folder's copy) gave the model at the top level.
+LEGACY_MODEL_KEYS = {"preset", "size", "model_config"}
+
+
+def convert_legacy(data: dict[str, Any]) -> dict[str, Any]:
+    """A train.yaml written before the `model:` mapping, in today's form. It had `preset`/`size` at the top
+    level, `model:` as ModelConfig overrides, `model_config:` as a model YAML that replaced preset and size,
+    and `vocab_size` for the BPE vocabulary."""
+    data = dict(data)
+    model = {"preset": data.pop("preset", DEFAULT_MODEL["preset"]), "size": data.pop("size", DEFAULT_MODEL["size"])}
+    model_file = data.pop("model_config", None)
+    if model_file is not None:
+        with open(model_file) as f:
+            fields = yaml.safe_load(f) or {}
+        # ModelConfig.from_yaml read a file without `preset` as plain fields over ModelConfig's defaults,
+        # which are pre-rmsnorm at 124m.
+        preset = fields.pop("preset", None)
+        model = {"preset": preset or "pre-rmsnorm", "size": fields.pop("size", "tiny" if preset else "124m"),
+                 **fields}
+    data["model"] = {**model, **(data.get("model") or {})}
+    if "vocab_size" in data:
+        data["tokenizer_vocab_size"] = data.pop("vocab_size")
+    return data
 
 
 def _scalar(raw: str):
@@ -146,7 +202,8 @@ def _scalar(raw: str):
 
 
 def apply_overrides(cfg: TrainConfig, assignments: list[str]) -> TrainConfig:
-    """`key=value` overrides, YAML-typed; `model.<field>=value` sets a ModelConfig field."""
+    """`key=value` overrides, YAML-typed; `model.<key>=value` sets model.preset, model.size or a ModelConfig
+    field."""
     data = cfg.to_dict()
     for item in assignments:
         if "=" not in item:

@@ -53,23 +53,22 @@ def open_data(cfg: TrainConfig, console: Console):
 
     if cfg.data is not None:
         return open_token_data(cfg.data)
-    path = default_corpus_dir(cfg.vocab_size)
+    path = default_corpus_dir(cfg.tokenizer_vocab_size)
     if not (path / "manifest.json").exists():
-        console.print(f"building the embedded Shakespeare corpus (BPE {cfg.vocab_size}) in {path}")
-        build_corpus(["shakespeare"], path, vocab_size=cfg.vocab_size)
+        console.print(f"building the embedded Shakespeare corpus (BPE {cfg.tokenizer_vocab_size}) in {path}")
+        build_corpus(["shakespeare"], path, vocab_size=cfg.tokenizer_vocab_size)
     return open_token_data(path)
 
 
 def build_model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
+    """cfg.model resolved: its preset at its size, its fields on top, and the data's vocabulary."""
     overrides = dict(cfg.model)
+    preset, size = overrides.pop("preset"), overrides.pop("size")
     overrides.setdefault("vocab_size", 64 * -(-vocab_size // 64))  # padded: faster matmuls
     if overrides["vocab_size"] < vocab_size:
         raise ValueError(f"model vocab_size={overrides['vocab_size']} is smaller than the data's {vocab_size} tokens")
     overrides.setdefault("max_seq_len", max(cfg.seq_len, 256))
-    if cfg.model_config:
-        base = ModelConfig.from_yaml(cfg.model_config).to_dict()
-        return ModelConfig.from_dict({**base, **overrides})
-    return ModelConfig.from_preset(cfg.preset, cfg.size, **overrides)
+    return ModelConfig.from_preset(preset, size, **overrides)
 
 
 def attention_gain_refresh_every(total_steps: int) -> int:

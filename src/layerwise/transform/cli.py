@@ -7,14 +7,16 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from ..cli_options import MODEL, out_option
+
 console = Console()
 
 
 def prune_command(
-    model: str = typer.Argument(..., help="HF model folder, .gguf file, or layerwise run/checkpoint folder."),
+    model: str = MODEL,
     drop: str = typer.Option(..., "--drop", help="Layers to delete, 0-based, as a comma list with INCLUSIVE "
                                                  "ranges: 14,20-23 deletes layers 14, 20, 21, 22 and 23."),
-    out: Path = typer.Option(..., "--out", help="Folder for the pruned model (safetensors) and its tokenizer."),
+    out: Path = out_option(..., "the pruned model (safetensors) and its tokenizer"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it is not empty (the new model "
                                                              "is written whole first)."),
 ):

@@ -1,0 +1,34 @@
+"""Options that several commands share, defined once: the model to read, the device and dtype to run it in,
+the output folder. Importing this module must stay cheap (no torch) so that `layerwise --help` is fast."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .errors import UserError
+
+MODEL = typer.Argument(..., help="HF model folder, .gguf file, or layerwise run/checkpoint folder.")
+DEVICE = typer.Option(None, help="cpu, cuda, cuda:1... (default: cuda if available).")
+DTYPE = typer.Option("float32", help="Weights dtype: float32, bfloat16, float16.")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def out_option(default, what: str):
+    """`--out`: the folder a command writes `what` to; `default` ... makes it required."""
+    return typer.Option(default, "--out", help=f"Output folder for {what}.")
+
+
+def torch_dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        raise UserError(f"--dtype {name!r}; use one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+def torch_device(name: str | None):
+    import torch
+
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))

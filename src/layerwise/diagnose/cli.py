@@ -1,0 +1,73 @@
+"""`layerwise diagnose MODEL`: per-layer depth metrics of a model on disk, written as JSON and HTML."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from ..cli_options import DEVICE, DTYPE, MODEL, out_option, torch_device, torch_dtype
+
+console = Console()
+
+
+def diagnose_command(
+    model: str = MODEL,
+    data: Optional[str] = typer.Option(None, help="Text file or token shard (.bin); default: embedded Shakespeare."),
+    tokens: int = typer.Option(16384, help="Tokens to stream through the model."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per sequence."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Sequences per forward."),
+    n_span: int = typer.Option(4, "--n-span", help="Span length n for the Gromov angular distance."),
+    removal: bool = typer.Option(True, "--removal/--no-removal",
+                                 help="Also measure skipping each layer and span (loss, KL, effect on later layers)."),
+    entropy: bool = typer.Option(True, "--attention-entropy/--no-attention-entropy",
+                                 help="Attention entropy per layer (HF models then run eager attention)."),
+    device: Optional[str] = DEVICE,
+    dtype: str = DTYPE,
+    out: Path = out_option(Path("diagnose-out"), "diagnosis.json and report.html"),
+):
+    """Per-layer depth metrics in one streaming pass: angular distance, block influence, n-span distance,
+    hidden RMS, sublayer contributions, attention entropy, logit lens, and the loss/KL change when each layer
+    (and each n-layer span) is skipped, with the skip's effect on every later layer. Writes diagnosis.json and
+    a self-contained report.html (`layerwise report` redraws it, e.g. after `layerwise eval --out` the same folder).
+
+    Example: layerwise diagnose path/to/SmolLM2-135M-Instruct.Q4_1.gguf --tokens 16384 --out runs/diag
+    """
+    from rich.progress import track
+    from rich.table import Table
+
+    from ..loading import check_token_windows, load_model, load_tokens
+    from ..outputs import check_output_folder
+    from ..report.diagnosis import write_report
+    from .metrics import diagnose, token_batches
+
+    check_token_windows(tokens, seq_len, batch_size)
+    check_output_folder(out)
+    weights = torch_dtype(dtype)
+    with console.status(f"loading {model} ..."):
+        net, tokenizer = load_model(model, dtype=weights)
+        target = torch_device(device)
+        net.to(target)
+        ids = load_tokens(data, tokenizer, tokens)
+    batches = [batch.to(target) for batch in token_batches(ids, seq_len, batch_size, tokens)]
+    progress = track(batches, description=f"diagnosing {sum(b.numel() for b in batches):,} tokens",
+                     console=console, transient=True)
+    result = diagnose(net, progress, n_span=n_span, removal=removal, attention_entropy=entropy)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "diagnosis.json").write_text(json.dumps({"model": str(model), "dtype": dtype, "device": str(target),
+                                                    **result.to_json()}, indent=1))
+    page = write_report(out / "diagnosis.json", out)
+    metrics = result.metrics()
+    table = Table(title=f"{result.family}: {result.n_layers} layers, {result.tokens:,} tokens "
+                        f"(loss {metrics['loss'][0]:.4f})")
+    columns = ["layer", "angular_distance", "block_influence", "logit_lens_kl", "logit_lens_top1"]
+    columns += ["removal_delta_loss"] if removal else []
+    for column in columns:
+        table.add_column(column, justify="right")
+    for i in range(result.n_layers):
+        table.add_row(str(i), *(f"{metrics[c][i]:.4f}" for c in columns[1:]))
+    console.print(table)
+    console.print(f"outputs: {out / 'diagnosis.json'}, {page}")

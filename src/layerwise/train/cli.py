@@ -1,0 +1,152 @@
+"""`layerwise presets`, `layerwise train` and `layerwise compare` (which trains several presets alike).
+
+Module-level imports stay cheap (no torch): every command's --help must be fast."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+console = Console()
+
+README_PRESETS = "pre-ln,lns,peri-ln,block-attnres"
+
+
+def presets_command(
+    size: str = typer.Option("tiny", help="Size whose parameter counts are shown: tiny, 124m, 350m, 1b."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for machines instead of a table."),
+):
+    """List the named presets: the paper each reproduces and what it changes from pre-rmsnorm.
+
+    Example: layerwise presets --size 124m
+    """
+    from rich.table import Table
+
+    from ..config import ModelConfig
+    from ..presets import PRESETS, preset_fields
+
+    base = preset_fields("pre-rmsnorm", size)
+    rows = []
+    for name, preset in PRESETS.items():
+        fields = preset_fields(name, size)
+        changes = {k: v for k, v in fields.items() if k != "preset" and base.get(k) != v}
+        rows.append(dict(name=name, paper=preset.paper, changes=changes, params=parameter_count(ModelConfig(**fields))))
+    if as_json:
+        print(json.dumps({"size": size, "presets": rows}, indent=2))
+        return
+    table = Table(title=f"layerwise presets (parameters at size {size})")
+    table.add_column("preset", style="bold")
+    table.add_column("paper")
+    table.add_column("changes vs pre-rmsnorm")
+    table.add_column("params", justify="right")
+    for row in rows:
+        changes = ", ".join(f"{k}={v}" for k, v in row["changes"].items()) or "(the base)"
+        table.add_row(row["name"], row["paper"], changes, f"{row['params'] / 1e6:.1f}M")
+    console.print(table)
+
+
+def parameter_count(model_cfg) -> int:
+    import torch
+
+    from ..model import LayerwiseForCausalLM
+
+    with torch.device("meta"):  # counts parameters without allocating them
+        return sum(p.numel() for p in LayerwiseForCausalLM(model_cfg).parameters())
+
+
+# Options shared by `train` and `compare`; None means "keep the YAML / TrainConfig default".
+_CONFIG = typer.Option(None, "--config", help="YAML file of TrainConfig fields; the model goes in its `model:` "
+                                              "mapping (preset, size, ModelConfig fields).")
+_SIZE = typer.Option(None, help="Model size (model.size): tiny, 124m, 350m, 1b.")
+_DATA = typer.Option(None, help="Corpus folder, llm.c shards, text file/folder or datasets folder "
+                                "(default: embedded Shakespeare).")
+_MAX_TOKENS = typer.Option(None, "--max-tokens", help="Training budget, e.g. 2M.")
+_BATCH = typer.Option(None, "--batch-size", help="Global batch in sequences (fixed across world sizes).")
+_SEQ = typer.Option(None, "--seq-len", help="Tokens per sequence.")
+_LR = typer.Option(None, help="Peak learning rate.")
+_SCHEDULE = typer.Option(None, help="cosine | wsd | constant.")
+_COMPILE = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (GPU).")
+_SET = typer.Option(None, "--set", help="Extra overrides key=value, e.g. --set warmup=100 --set model.n_layers=6.")
+
+
+def _train_config(config: Path | None, fields: dict, model: dict, sets: list[str] | None):
+    """The YAML, then the options given (model options into the `model:` mapping), then --set."""
+    from dataclasses import replace
+
+    from .config import TrainConfig, apply_overrides
+
+    given = {k: v for k, v in fields.items() if v is not None}
+    cfg = TrainConfig.from_yaml(config, **given) if config else TrainConfig(**given)
+    model = {k: v for k, v in model.items() if v is not None}
+    if model:
+        cfg = replace(cfg, model={**cfg.model, **model})
+    return apply_overrides(cfg, sets or [])
+
+
+def train_command(
+    config: Optional[Path] = _CONFIG,
+    preset: Optional[str] = typer.Option(None, help="Preset to train (model.preset; `layerwise presets`)."),
+    size: Optional[str] = _SIZE, data: Optional[str] = _DATA, max_tokens: Optional[str] = _MAX_TOKENS,
+    out: Optional[str] = typer.Option(None, help="Run folder (metrics.jsonl, tensorboard/, checkpoints/)."),
+    batch_size: Optional[int] = _BATCH, seq_len: Optional[int] = _SEQ, lr: Optional[float] = _LR,
+    schedule: Optional[str] = _SCHEDULE, compile: Optional[bool] = _COMPILE,
+    resume: Optional[str] = typer.Option(None, help="none | auto (latest valid checkpoint) | a checkpoint folder."),
+    seed: Optional[int] = typer.Option(None, help="Seed for init and data order."),
+    sets: Optional[list[str]] = _SET,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved TrainConfig, ModelConfig and "
+                                                          "parameter count as YAML, and stop."),
+):
+    """Pretrain one model with per-layer depth telemetry; resumable; runs under torchrun for DDP.
+
+    Example: layerwise train --preset lns --size tiny --max-tokens 2M --out runs/lns
+    Multi-GPU: torchrun --standalone --nproc_per_node=8 -m layerwise.cli train --preset lns --size 124m ...
+    """
+    cfg = _train_config(config, dict(data=data, max_tokens=max_tokens, out=out, batch_size=batch_size,
+                                     seq_len=seq_len, lr=lr, schedule=schedule, compile=compile, resume=resume,
+                                     seed=seed), dict(preset=preset, size=size), sets)
+    if dry_run:
+        print(resolved_yaml(cfg), end="")
+        return
+    from .trainer import train as run_training
+
+    run_training(cfg, console)
+
+
+def resolved_yaml(cfg) -> str:
+    """What `train` would build from cfg, without training: the data is opened (the default corpus is built
+    once if missing) because the model's vocabulary comes from it."""
+    import yaml
+
+    from ..config import field_names
+    from .trainer import build_model_config, open_data
+
+    model_cfg = build_model_config(cfg, open_data(cfg, Console(stderr=True)).vocab_size)  # stdout is the YAML
+    model = {name: getattr(model_cfg, name) for name in field_names()}
+    return yaml.safe_dump({"train": cfg.to_dict(), "model_config": model,
+                           "parameters": parameter_count(model_cfg)}, sort_keys=False)
+
+
+def compare_command(
+    presets: str = typer.Option(README_PRESETS, help="Comma-separated presets, trained under one budget."),
+    seeds: str = typer.Option("0", help="Comma-separated seeds; mean +/- std over them is reported."),
+    out: str = typer.Option("runs/compare", help="Folder for the runs and the comparison report."),
+    config: Optional[Path] = _CONFIG, size: Optional[str] = _SIZE, data: Optional[str] = _DATA,
+    max_tokens: Optional[str] = _MAX_TOKENS, batch_size: Optional[int] = _BATCH, seq_len: Optional[int] = _SEQ,
+    lr: Optional[float] = _LR, schedule: Optional[str] = _SCHEDULE, compile: Optional[bool] = _COMPILE,
+    sets: Optional[list[str]] = _SET,
+):
+    """Train several presets with identical budget, batches and schedule; write a table (Markdown, JSON)
+    and plots (loss curves; hidden-state RMS and gradient norm vs depth).
+
+    Example: layerwise compare --presets pre-ln,lns,peri-ln,block-attnres --max-tokens 1M --out runs/cmp
+    """
+    from ..compare import compare as run_compare
+
+    cfg = _train_config(config, dict(data=data, max_tokens=max_tokens, batch_size=batch_size, seq_len=seq_len,
+                                     lr=lr, schedule=schedule, compile=compile), dict(size=size), sets)
+    run_compare([p.strip() for p in presets.split(",") if p.strip()],
+                [int(s) for s in seeds.split(",") if s.strip()], cfg, Path(out), console)
