@@ -32,7 +32,7 @@ class RunFolderLock:
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(self.fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+            holder = _describe_holder(os.pread(self.fd, 4096, 0).decode(errors="replace"))
             os.close(self.fd)
             raise UserError(f"{self.folder} is in use by another layerwise process ({holder}); wait for it to "
                             "finish, stop it, or choose another --out") from None
@@ -45,6 +45,14 @@ class RunFolderLock:
         if self.fd is not None:
             os.close(self.fd)  # closing the only descriptor releases the flock
             self.fd = None
+
+
+def _describe_holder(record: str) -> str:
+    try:
+        holder = json.loads(record)
+        return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return "holder unknown: it had not yet written its record"
 
 
 def holds_a_run(folder: Path) -> bool:

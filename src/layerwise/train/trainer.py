@@ -261,7 +261,7 @@ class Trainer:
                     verify_checkpoint(path)
                     break
                 except CorruptCheckpoint as err:
-                    self.console.print(f"[yellow]corrupt checkpoint moved to {move_aside(path, err)}: {err}")
+                    move_aside(path, err)
 
     def release(self) -> None:
         if self.lock is not None:
