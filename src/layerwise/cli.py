@@ -100,8 +100,8 @@ def train(
     schedule: Optional[str] = _SCHEDULE, compile: Optional[bool] = _COMPILE,
     resume: Optional[str] = typer.Option(None, help="none | auto (latest valid checkpoint) | a checkpoint folder."),
     seed: Optional[int] = typer.Option(None, help="Seed for init and data order."),
-    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Start over in a folder that holds a run "
-                                                                        "(the old run is moved to <out>.old-<time>)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over in a folder that holds a run "
+                                                              "(the old run is moved to <out>.old-<time>)."),
     sets: Optional[list[str]] = _SET,
 ):
     """Pretrain one model with per-layer depth telemetry; resumable; runs under torchrun for DDP.
@@ -113,7 +113,7 @@ def train(
 
     cfg = _train_config(config, dict(preset=preset, size=size, data=data, max_tokens=max_tokens, out=out,
                                      batch_size=batch_size, seq_len=seq_len, lr=lr, schedule=schedule,
-                                     compile=compile, resume=resume, seed=seed, overwrite=overwrite), sets)
+                                     compile=compile, resume=resume, seed=seed, overwrite=overwrite or None), sets)
     run_training(cfg, console)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -250,7 +251,10 @@ class Trainer:
 
     def _claim_run_folder(self) -> None:
         cfg = self.cfg
-        self.lock = claim_run_folder(self.run_dir, fresh=cfg.resume == "none", overwrite=cfg.overwrite)
+        # Resuming another run's checkpoint starts a new run here as surely as resume=none does.
+        continues_here = cfg.resume == "auto" or (
+            cfg.resume != "none" and self.run_dir.resolve() in Path(cfg.resume).resolve().parents)
+        self.lock = claim_run_folder(self.run_dir, fresh=not continues_here, overwrite=cfg.overwrite)
         if self.lock.moved_aside is not None:
             self.console.print(f"moved the previous run in {self.run_dir} aside to {self.lock.moved_aside}")
         clean_temporary_checkpoints(self.run_dir)
@@ -291,12 +295,14 @@ class Trainer:
         saved_train = state.get("train_config", {})
         saved_model = ModelConfig.from_json_file(checkpoint / "config.json").to_dict()
         ignored = {"transformers_version", "architectures", "torch_dtype", "dtype", "_name_or_path"}
-        differ = [f"{k}: {saved_train.get(k)!r} in the checkpoint, {v!r} now"
-                  for k, v in self.cfg.result_fields().items() if saved_train.get(k) != v]
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        # A field the checkpoint predates had its default then.
+        differ = [f"{k}: {saved_train.get(k, defaults[k])!r} in the checkpoint, {v!r} now"
+                  for k, v in self.cfg.result_fields().items() if saved_train.get(k, defaults[k]) != v]
         now_model = model_cfg.to_dict()
         differ += [f"model.{k}: {saved_model.get(k)!r} in the checkpoint, {now_model.get(k)!r} now"
-                   for k in sorted(set(saved_model) | set(now_model) - ignored)
-                   if k not in ignored and saved_model.get(k) != now_model.get(k)]
+                   for k in sorted((set(saved_model) | set(now_model)) - ignored)
+                   if saved_model.get(k) != now_model.get(k)]
         if differ:
             raise UserError(f"{checkpoint} was trained with other settings ({'; '.join(differ)}); continuing it "
                             "would mix two runs. Use its settings, or a new --out (train --overwrite moves the old "
