@@ -10,19 +10,29 @@ from rich.console import Console
 from .report.comparison import write_comparison
 from .runs import run_summary
 from .train.config import TrainConfig
+from .train.run_folder import RunFolderLock, check_out_path
 from .train.trainer import train
 
 
 def compare(presets: list[str], seeds: list[int], base: TrainConfig, out: Path,
             console: Console | None = None) -> dict:
     """Runs go to out/<preset>-seed<k>; everything but the preset (and seed) is identical, including the
-    batches (they depend only on seed and step). Runs already finished are reused via resume=auto."""
+    batches (they depend only on seed and step). Runs already finished are reused via resume=auto, which
+    refuses a run trained with other settings (and names them) rather than report it under the new ones."""
     from .config import ModelConfig
 
     console = console or Console()
     for name in presets:
         ModelConfig.from_preset(name, base.model["size"])  # fail before training anything
-    out.mkdir(parents=True, exist_ok=True)
+    check_out_path(out)
+    lock = RunFolderLock(out)  # a second compare into `out` fails here, naming this process
+    try:
+        return _train_and_compare(presets, seeds, base, out, console)
+    finally:
+        lock.release()
+
+
+def _train_and_compare(presets: list[str], seeds: list[int], base: TrainConfig, out: Path, console: Console) -> dict:
     runs: dict[str, list[dict]] = {}
     params: dict[str, int] = {}
     for name in presets:

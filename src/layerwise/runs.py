@@ -1,7 +1,8 @@
 """Reading run folders: checkpoints (listed, verified), `metrics.jsonl`, the run's configs and tokenizer.
 
 A run folder written by `layerwise train` holds `metrics.jsonl`, `train.yaml`, `model_config.json`,
-`tensorboard/` and `checkpoints/step_XXXXXXX/`. Writing them is the trainer's job (`layerwise.train`); every
+`tokenizer.json` (when the corpus has one), `tensorboard/`, `checkpoints/step_XXXXXXX/` and `run.lock` (who
+owns the folder while a run is writing it). Writing them is the trainer's job (`layerwise.train`); every
 other command reads them through this module.
 """
 
@@ -13,8 +14,14 @@ import statistics
 import warnings
 from pathlib import Path
 
+from .errors import UserError
+
 MANIFEST = "MANIFEST.json"
 PREFIX = "step_"
+LOCK = "run.lock"
+TOKENIZER = "tokenizer.json"
+# Files whose presence makes a folder a run that a fresh `train` would overwrite.
+RUN_FILES = ("metrics.jsonl", "train.yaml", "model_config.json", "checkpoints")
 
 
 class CorruptCheckpoint(ValueError):
@@ -69,10 +76,22 @@ def latest_valid_checkpoint(root: Path) -> Path | None:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of metrics.jsonl. A kill mid-write can leave the last line partial: it is dropped with a
+    warning (the run resumes from a checkpoint that precedes it); a bad line before the last is an error."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no metrics.jsonl (is {run_dir} a layerwise run folder?)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise UserError(f"{path}:{number}: not a JSON record; repair or remove that line") from None
+            warnings.warn(f"{path}:{number}: dropping a partial last record (the run was interrupted mid-write)",
+                          stacklevel=2)
+    return records
 
 
 def run_summary(run_dir: Path) -> dict:
@@ -93,10 +112,13 @@ def run_summary(run_dir: Path) -> dict:
 
 
 def run_tokenizer(run: Path) -> Path | None:
-    """The tokenizer.json of the corpus a run trained on, if its train.yaml names one that exists."""
+    """The tokenizer.json a run trained with: its own copy (written by the trainer), else the one in the
+    corpus folder its train.yaml names."""
     import yaml
 
+    if (run / TOKENIZER).exists():
+        return run / TOKENIZER
     config = yaml.safe_load((run / "train.yaml").read_text()) if (run / "train.yaml").exists() else {}
     data = config.get("data")
-    candidate = Path(data) / "tokenizer.json" if data else None
+    candidate = Path(data) / TOKENIZER if data else None
     return candidate if candidate is not None and candidate.exists() else None

@@ -159,6 +159,14 @@ class TokenData:
     tokenizer_path: Path | None = None
 
 
+def _check_token_ids(path: Path, tokens, vocab_size: int) -> None:
+    """An id outside the vocabulary would fail as an IndexError deep in the embedding, mid-run: check at open."""
+    highest = int(np.max(tokens)) if len(tokens) else -1
+    if highest >= vocab_size:
+        raise UserError(f"{path}: token id {highest} >= the vocabulary of {vocab_size}; the shard was written with "
+                        "another tokenizer: rebuild it, or fix the vocabulary the corpus records")
+
+
 def _open_built(folder: Path) -> TokenData:
     manifest_file = folder / MANIFEST
     rebuild = f"rebuild it with `layerwise data build --out {folder}`"
@@ -176,6 +184,8 @@ def _open_built(folder: Path) -> TokenData:
             raise UserError(f"{folder / shard}: missing from the corpus folder (its manifest.json is there); {rebuild}")
     train, _ = read_shard(folder / "train.bin")
     val, _ = read_shard(folder / "val.bin")
+    for name, tokens in (("train.bin", train), ("val.bin", val)):
+        _check_token_ids(folder / name, tokens, manifest["vocab_size"])
     tokenizer = folder / "tokenizer.json"
     return TokenData(train, val, vocab, manifest.get("eot_id"), tokenizer if tokenizer.exists() else None)
 
@@ -198,6 +208,8 @@ def _open_shards(paths: list[Path], where: str) -> TokenData:
         raise ValueError(f"{where}: shards of different formats or tokenizers mixed; keep one kind per folder")
     # llm.c shards record no vocabulary: their magic implies GPT-2's (or Llama 3's) tokenizer.
     vocab, separator = implied.pop() if implied else (max(recorded), None)
+    for path, (tokens, _) in shards.items():
+        _check_token_ids(path, tokens, vocab)
     return TokenData(ConcatTokens([shards[p][0] for p in train]), ConcatTokens([shards[p][0] for p in val]),
                      vocab, separator)
 

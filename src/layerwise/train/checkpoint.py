@@ -7,13 +7,17 @@ A checkpoint is a folder `checkpoints/step_XXXXXXX/` holding
   trainer_state.json                step, tokens, counters, optimizer hyperparameters, the train config
   MANIFEST.json                     sha256 and size of every file above, written last
 It is written into a temporary folder and renamed into place, so a folder with a valid MANIFEST is complete.
+A failed write (a full disk) removes its temporary folder and leaves the earlier checkpoints as they were.
+Corrupt checkpoints are never deleted and never counted as kept: they move to `checkpoints/corrupt/`.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -22,8 +26,10 @@ from safetensors.torch import load_file, save_file
 from ..runs import (MANIFEST, PREFIX, CorruptCheckpoint, latest_valid_checkpoint, list_checkpoints, sha256_of,
                     verify_checkpoint)
 
-__all__ = ["CorruptCheckpoint", "latest_valid_checkpoint", "list_checkpoints", "load_checkpoint", "save_checkpoint",
-           "verify_checkpoint"]
+__all__ = ["CorruptCheckpoint", "latest_valid_checkpoint", "list_checkpoints", "load_checkpoint", "move_aside",
+           "save_checkpoint", "verify_checkpoint"]
+CORRUPT = "corrupt"
+
 
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -70,7 +76,7 @@ def restore_state(model, optimizer, weights: dict, tensors: dict, groups: list) 
 
 def save_checkpoint(root: Path, step: int, model, optimizer, trainer_state: dict, keep: int,
                     is_main: bool = True) -> Path | None:
-    """Write checkpoint `step` atomically under root/checkpoints and prune to the newest `keep`.
+    """Write checkpoint `step` atomically under root/checkpoints and keep it plus the newest keep-1 valid others.
     Every process calls it; only the main process writes."""
     weights, opt_tensors, groups = gather_state(model, optimizer)
     if not is_main:
@@ -83,6 +89,23 @@ def save_checkpoint(root: Path, step: int, model, optimizer, trainer_state: dict
     final = ckpt_dir / f"{PREFIX}{step:07d}"
     tmp = ckpt_dir / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_files(tmp, step, model, weights, opt_tensors, groups, trainer_state)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"disk full writing checkpoint {final.name} in {ckpt_dir}; the earlier "
+                                        "checkpoints are intact: free space, then rerun with --resume auto") from None
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(ckpt_dir)
+    _retain(root, final, keep)
+    return final
+
+
+def _write_files(tmp: Path, step: int, model, weights, opt_tensors, groups, trainer_state) -> None:
     tmp.mkdir()
     from transformers.utils import logging as hf_logging
 
@@ -102,13 +125,35 @@ def save_checkpoint(root: Path, step: int, model, optimizer, trainer_state: dict
     (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
     with open(tmp / MANIFEST, "rb") as f:
         os.fsync(f.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_dir(ckpt_dir)
-    for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+
+
+def _retain(root: Path, written: Path, keep: int) -> None:
+    """Keep `written` and the newest keep-1 other checkpoints that verify; delete older valid ones.
+    Candidates are verified newest first, so a corrupt one is set aside instead of taking a kept slot."""
+    kept = 1
+    for path in reversed(list_checkpoints(root)):
+        if path == written:
+            continue
+        if kept < keep:
+            try:
+                verify_checkpoint(path)
+                kept += 1
+            except CorruptCheckpoint as err:
+                move_aside(path, err)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def move_aside(path: Path, why: Exception) -> Path:
+    """Move a corrupt checkpoint to checkpoints/corrupt/ (kept for inspection, out of every listing)."""
+    target_dir = path.parent / CORRUPT
+    target_dir.mkdir(exist_ok=True)
+    target, n = target_dir / path.name, 1
+    while target.exists():
+        target, n = target_dir / f"{path.name}-{n}", n + 1
+    os.rename(path, target)
+    warnings.warn(f"corrupt checkpoint moved to {target}: {why}", stacklevel=2)
+    return target
 
 
 def load_checkpoint(path: Path, model, optimizer) -> dict:

@@ -96,6 +96,8 @@ def train_command(
     schedule: Optional[str] = _SCHEDULE, compile: Optional[bool] = _COMPILE,
     resume: Optional[str] = typer.Option(None, help="none | auto (latest valid checkpoint) | a checkpoint folder."),
     seed: Optional[int] = typer.Option(None, help="Seed for init and data order."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over in a folder that holds a run "
+                                                              "(the old run is moved to <out>.old-<time>)."),
     sets: Optional[list[str]] = _SET,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved TrainConfig, ModelConfig and "
                                                           "parameter count as YAML, and stop."),
@@ -107,7 +109,7 @@ def train_command(
     """
     cfg = _train_config(config, dict(data=data, max_tokens=max_tokens, out=out, batch_size=batch_size,
                                      seq_len=seq_len, lr=lr, schedule=schedule, compile=compile, resume=resume,
-                                     seed=seed), dict(preset=preset, size=size), sets)
+                                     seed=seed, overwrite=overwrite or None), dict(preset=preset, size=size), sets)
     if dry_run:
         print(resolved_yaml(cfg), end="")
         return

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,14 @@ from ..errors import UserError
 
 SCHEDULES = ("cosine", "wsd", "constant")
 DEFAULT_MODEL = {"preset": "pre-rmsnorm", "size": "tiny"}
+# Fields that change where a run is written, how often it reports or how it is executed, but not the model
+# it trains: a resume or a reused `compare` run may differ in these and nothing else.
+BOOKKEEPING_FIELDS = frozenset({"out", "resume", "overwrite", "log_every", "eval_every", "telemetry_every",
+                                "ckpt_every", "keep_checkpoints", "max_bad_steps", "device", "compile", "fsdp",
+                                "tensorboard", "threads"})
+# Inputs to the model config: the resolved ModelConfig is compared instead (the same model can be named
+# by a preset or by a YAML file).
+MODEL_INPUT_FIELDS = frozenset({"model"})
 
 
 def parse_count(value: int | float | str) -> int:
@@ -22,7 +32,7 @@ def parse_count(value: int | float | str) -> int:
         return int(value)
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMbBgG]?)\s*", value)
     if not match:
-        raise ValueError(f"cannot read {value!r} as a count; use e.g. 2000000, 500k, 2M or 1.5B")
+        raise UserError(f"cannot read {value!r} as a count; use e.g. 2000000, 500k, 2M or 1.5B")
     scale = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}[match.group(2).lower()]
     return int(float(match.group(1)) * scale)
 
@@ -60,6 +70,7 @@ class TrainConfig:
     ckpt_every: int = 200
     keep_checkpoints: int = 2
     resume: str = "none"  # none | auto | a checkpoint folder
+    overwrite: bool = False  # a fresh run into an existing run folder moves the old run aside to <out>.old-<time>
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     # Execution
     seed: int = 0
@@ -72,20 +83,40 @@ class TrainConfig:
 
     def __post_init__(self):
         self.model = model_mapping(self.model)
-        self.max_tokens = parse_count(self.max_tokens)
+        if isinstance(self.max_tokens, (str, int, float)) and not isinstance(self.max_tokens, bool):
+            self.max_tokens = parse_count(self.max_tokens)
+        hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             # YAML 1.1 reads "3e-4" as a string; accept it wherever the field is a float.
-            if isinstance(f.default, float) and isinstance(value, (str, int)) and not isinstance(value, bool):
+            if hints[f.name] is float and isinstance(value, (str, int)) and not isinstance(value, bool):
                 try:
                     setattr(self, f.name, float(value))
                 except ValueError:
-                    raise ValueError(f"TrainConfig.{f.name}={value!r} is not a number") from None
+                    raise UserError(f"TrainConfig.{f.name}={value!r} is not a number") from None
+            self._check_type(f.name, hints[f.name])
         self.validate()
+
+    def _check_type(self, name: str, hint) -> None:
+        """Exact types: bool("no") is True and int(True) is 1, so neither a string nor a bool may stand in."""
+        value = getattr(self, name)
+        allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        for kind in allowed:
+            kind = typing.get_origin(kind) or kind
+            if kind is type(None) and value is None:
+                return
+            if kind is bool and isinstance(value, bool):
+                return
+            if kind in (int, float, str, dict) and isinstance(value, kind) and not isinstance(value, bool):
+                return
+        words = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+                 dict: "a mapping of field: value", type(None): "null"}
+        expected = " or ".join(words[typing.get_origin(k) or k] for k in allowed)
+        raise UserError(f"TrainConfig.{name}={value!r} must be {expected}")
 
     def validate(self) -> None:
         def fail(name, why):
-            raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} {why}")
+            raise UserError(f"TrainConfig.{name}={getattr(self, name)!r} {why}")
 
         for name in ("max_tokens", "batch_size", "seq_len", "eval_batches", "log_every", "eval_every",
                      "telemetry_every", "ckpt_every", "keep_checkpoints", "max_bad_steps", "tokenizer_vocab_size"):
@@ -93,6 +124,8 @@ class TrainConfig:
                 fail(name, "must be a positive integer")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             fail("micro_batch_size", "must be a positive integer or None")
+        if self.threads < 0:
+            fail("threads", "must be >= 0 (0 = torch's default)")
         if not self.lr > 0:
             fail("lr", "must be > 0")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -127,21 +160,34 @@ class TrainConfig:
             if name in MOVED:
                 raise UserError(f"TrainConfig.{name} is now {MOVED[name]}")
         if unknown:
-            raise ValueError(f"TrainConfig got unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
+            raise UserError(f"TrainConfig got unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
         return cls(**data)
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as err:
+                raise UserError(f"{path}:{_where(err)} is not valid YAML ({getattr(err, 'problem', None) or err}); "
+                                "fix the file (fields are `name: value`, one per line)") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of TrainConfig fields")
+            raise UserError(f"{path}: expected a mapping of TrainConfig fields")
         if LEGACY_MODEL_KEYS & set(data):
             data = convert_legacy(data)
         return cls.from_dict({**data, **overrides})
 
     def save_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def result_fields(self) -> dict[str, Any]:
+        """The training fields that change the trained model (the model itself is compared resolved)."""
+        return {k: v for k, v in self.to_dict().items() if k not in BOOKKEEPING_FIELDS | MODEL_INPUT_FIELDS}
+
+
+def _where(err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    return f"{mark.line + 1}:{mark.column + 1}:" if mark is not None else ""
 
 
 def model_mapping(model: Any) -> dict[str, Any]:
@@ -207,9 +253,12 @@ def apply_overrides(cfg: TrainConfig, assignments: list[str]) -> TrainConfig:
     data = cfg.to_dict()
     for item in assignments:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value (e.g. lr=3e-4 or model.n_layers=6)")
+            raise UserError(f"override {item!r} is not key=value (e.g. lr=3e-4 or model.n_layers=6)")
         key, raw = item.split("=", 1)
-        value = _scalar(raw)
+        try:
+            value = _scalar(raw)
+        except yaml.YAMLError:
+            raise UserError(f"--set {item}: cannot read {raw!r} as a YAML value; quote strings") from None
         if key.startswith("model."):
             data["model"] = {**data["model"], key[len("model."):]: value}
         else:

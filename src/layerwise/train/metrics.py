@@ -5,19 +5,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..runs import read_metrics
+
 
 class MetricsLog:
-    """Appends records with at least `step` and `tokens`. On resume, records after the resume step are
-    dropped first, so a resumed run's log reads as if it had never been interrupted."""
+    """Appends records with at least `step` and `tokens`. On resume, records after the resume step (and a
+    partial last line left by a kill) are dropped first, so a resumed run's log reads as if it had never been
+    interrupted."""
 
     def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = True):
         self.path = run_dir / "metrics.jsonl"
         if resume_step is None:
             self.path.write_text("")
         elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [record for record in read_metrics(run_dir) if record["step"] <= resume_step]
+            self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

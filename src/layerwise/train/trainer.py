@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -14,13 +17,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..config import ModelConfig
+from ..errors import UserError
 from ..model import LayerwiseForCausalLM
 from ..nn.block import refresh_attention_gains
+from ..runs import TOKENIZER
 from . import distributed as dist_infra
-from .checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint, verify_checkpoint
+from .checkpoint import (CorruptCheckpoint, latest_valid_checkpoint, list_checkpoints, load_checkpoint, move_aside,
+                         save_checkpoint, verify_checkpoint)
 from .config import TrainConfig
 from .metrics import MetricsLog
 from .optim import build_optimizer, lr_at
+from .run_folder import check_out_path, claim_run_folder, clean_temporary_checkpoints
 from .telemetry import layer_grad_norms, measure_depth
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment, most specific first (torchtitan's table).
@@ -28,8 +35,8 @@ PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H
               ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("A10", 125e12)]
 
 
-class TrainingDiverged(RuntimeError):
-    pass
+class TrainingDiverged(UserError):
+    """The loss or gradients stayed non-finite: a setting (usually lr) is wrong, not the code."""
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -108,6 +115,7 @@ class Trainer:
                              "each process handles per step")
         self.accum = per_rank // self.micro
         self.run_dir = Path(cfg.out)
+        self.lock = None
         self.use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and self.rt.device.type == "cuda")
 
     def autocast(self):
@@ -119,12 +127,19 @@ class Trainer:
 
     def run(self) -> dict:
         cfg, rt, console = self.cfg, self.rt, self.console
+        # Everything that can be refused is checked before the run folder is touched.
+        check_out_path(self.run_dir)
+        if cfg.resume not in ("none", "auto") and not Path(cfg.resume).is_dir():
+            raise UserError(f"TrainConfig.resume={cfg.resume!r} is not none, auto or an existing checkpoint folder")
         torch.manual_seed(cfg.seed)
         data = open_data(cfg, console)
         for split, tokens in (("train", data.train), ("validation", data.val)):
             if len(tokens) < cfg.seq_len + 2:
-                raise ValueError(f"the {split} split has {len(tokens)} tokens, fewer than seq_len={cfg.seq_len} + 2")
+                raise UserError(f"the {split} split has {len(tokens)} tokens, fewer than seq_len={cfg.seq_len} + 2")
         model_cfg = build_model_config(cfg, data.vocab_size)
+        if rt.is_main:  # under torchrun rank 0 owns the folder for all ranks
+            self._claim_run_folder()
+        dist_infra.barrier(rt)
         model = LayerwiseForCausalLM(model_cfg).to(rt.device)
         n_params = sum(p.numel() for p in model.parameters())
         # FSDP2 shards parameters in place, so the optimizer is built after wrapping.
@@ -133,6 +148,7 @@ class Trainer:
 
         start_step, resume_from = 0, self._resume_path()
         if resume_from is not None:
+            self._check_same_run(resume_from, model_cfg)
             state = load_checkpoint(resume_from, model, optimizer)
             start_step = state["step"]
             self.bad_total = state["bad_steps_total"]
@@ -142,9 +158,15 @@ class Trainer:
             self.bad_total = 0
             refresh_attention_gains(model, cfg.seq_len)  # a resumed run keeps the checkpoint's c
         if rt.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if resume_from is None and (self.run_dir / "metrics.jsonl").exists():
+                # resume=auto found no valid checkpoint: the fresh run's log must not erase the old one's.
+                aside = self.run_dir / f"metrics.jsonl.old-{time.strftime('%Y%m%d-%H%M%S')}"
+                (self.run_dir / "metrics.jsonl").rename(aside)
+                console.print(f"[yellow]the previous metrics.jsonl (no valid checkpoint left) moved to {aside}")
             cfg.save_yaml(self.run_dir / "train.yaml")
             model_cfg.to_json_file(self.run_dir / "model_config.json")
+            if data.tokenizer_path is not None:  # diagnose/eval of the run then find its tokenizer
+                shutil.copyfile(data.tokenizer_path, self.run_dir / TOKENIZER)
         dist_infra.barrier(rt)
         log = MetricsLog(self.run_dir, start_step if resume_from else None, cfg.tensorboard) if rt.is_main else None
 
@@ -189,8 +211,8 @@ class Trainer:
                     if consecutive_bad >= cfg.max_bad_steps:
                         raise TrainingDiverged(
                             f"{consecutive_bad} consecutive steps had non-finite loss or gradients (at step {step}); "
-                            f"stopping. The last good checkpoint is kept; lower TrainConfig.lr={cfg.lr} or raise "
-                            "max_bad_steps")
+                            f"stopping. {self._last_good()} Lower TrainConfig.lr={cfg.lr} and start again (--overwrite "
+                            "moves this run aside), or raise max_bad_steps")
                     continue
                 consecutive_bad = 0
                 telemetry = None
@@ -237,6 +259,29 @@ class Trainer:
 
     # ---- pieces ----------------------------------------------------------------------------------------------
 
+    def _claim_run_folder(self) -> None:
+        cfg = self.cfg
+        # Resuming another run's checkpoint starts a new run here as surely as resume=none does.
+        continues_here = cfg.resume == "auto" or (
+            cfg.resume != "none" and self.run_dir.resolve() in Path(cfg.resume).resolve().parents)
+        self.lock = claim_run_folder(self.run_dir, fresh=not continues_here, overwrite=cfg.overwrite)
+        if self.lock.moved_aside is not None:
+            self.console.print(f"moved the previous run in {self.run_dir} aside to {self.lock.moved_aside}")
+        clean_temporary_checkpoints(self.run_dir)
+        if cfg.resume == "auto":
+            # Corrupt checkpoints newer than the one resumed would sort first in every later listing.
+            for path in reversed(list_checkpoints(self.run_dir)):
+                try:
+                    verify_checkpoint(path)
+                    break
+                except CorruptCheckpoint as err:
+                    move_aside(path, err)
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
     def _resume_path(self) -> Path | None:
         cfg = self.cfg
         if cfg.resume == "none":
@@ -247,8 +292,39 @@ class Trainer:
                 self.console.print(f"no valid checkpoint in {self.run_dir}/checkpoints; starting fresh")
             return path
         path = Path(cfg.resume)
-        verify_checkpoint(path)
+        try:
+            verify_checkpoint(path)
+        except CorruptCheckpoint as err:
+            raise UserError(f"TrainConfig.resume={cfg.resume!r} is not a usable checkpoint: {err}") from None
         return path
+
+    def _check_same_run(self, checkpoint: Path, model_cfg: ModelConfig) -> None:
+        """Resuming (or reusing a finished run in `compare`) continues the checkpoint's run, so every setting
+        that changes the result must be the one it was trained with."""
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        saved_train = dict(state.get("train_config", {}))
+        if "vocab_size" in saved_train:  # checkpoints written before the rename to tokenizer_vocab_size
+            saved_train["tokenizer_vocab_size"] = saved_train.pop("vocab_size")
+        saved_model = ModelConfig.from_json_file(checkpoint / "config.json").to_dict()
+        ignored = {"transformers_version", "architectures", "torch_dtype", "dtype", "_name_or_path"}
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        # A field the checkpoint predates had its default then.
+        differ = [f"{k}: {saved_train.get(k, defaults[k])!r} in the checkpoint, {v!r} now"
+                  for k, v in self.cfg.result_fields().items() if saved_train.get(k, defaults[k]) != v]
+        now_model = model_cfg.to_dict()
+        differ += [f"model.{k}: {saved_model.get(k)!r} in the checkpoint, {now_model.get(k)!r} now"
+                   for k in sorted((set(saved_model) | set(now_model)) - ignored)
+                   if saved_model.get(k) != now_model.get(k)]
+        if differ:
+            raise UserError(f"{checkpoint} was trained with other settings ({'; '.join(differ)}); continuing it "
+                            "would mix two runs. Use its settings, or a new --out (train --overwrite moves the old "
+                            "run aside)")
+
+    def _last_good(self) -> str:
+        checkpoints = list_checkpoints(self.run_dir)
+        if not checkpoints:
+            return "No checkpoint was written before it diverged."
+        return f"The last good checkpoint is {checkpoints[-1]}."
 
     def _train_step(self, step, forward, wrapped, model, optimizer, data):
         cfg, rt = self.cfg, self.rt
@@ -310,8 +386,12 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, console: Console | None = None) -> dict:
+    trainer = None
     try:
-        return Trainer(cfg, console).run()
+        trainer = Trainer(cfg, console)
+        return trainer.run()
     finally:
+        if trainer is not None:
+            trainer.release()
         dist_infra.teardown()
 
