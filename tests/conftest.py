@@ -1,4 +1,12 @@
+"""What many test files share: tiny layerwise and Hugging Face models, and one Shakespeare corpus per run.
+
+Test files import the model helpers (`from conftest import hf_model`) because parametrize lists need them at
+collection time; the corpus is a fixture. Removing layers by hand is `layerwise.reference.skipping`, which
+bench/diagnose.py uses too.
+"""
+
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +17,60 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+# The Hugging Face families the adapters support, each built small and random from transformers' own classes.
+HF_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "phi3",
+               "gpt2", "gpt_neox"]
+HF_SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def hf_model(family: str, **overrides):
+    """A random 4-layer, width-32 model of `family` (vocab 128), in eval mode, the same one on every call."""
+    import transformers
+
+    if family == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=4, n_head=4, n_positions=64, **overrides)
+    elif family == "gpt_neox":
+        cfg = transformers.GPTNeoXConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                         num_attention_heads=4, max_position_embeddings=64, **overrides)
+    else:
+        cfg = transformers.AutoConfig.for_model(family, **{**HF_SMALL, **overrides})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    model.generation_config.eos_token_id = None  # decode the full length, as a cache-free greedy loop does
+    return model
+
+
+def tiny_model(preset: str = "pre-rmsnorm", *, dtype: torch.dtype | None = None, random_queries: bool = False,
+               **overrides):
+    """Preset `preset` at size tiny with `overrides`, in eval mode, the same one on every call.
+
+    random_queries: draw AttnRes pseudo-queries from N(0, 0.5^2), as after training; at their init (zero) every
+    depth mixer is a plain mean and formulas that weight sources differently would agree by accident."""
+    from layerwise import LayerwiseForCausalLM, ModelConfig
+
+    torch.manual_seed(0)
+    model = LayerwiseForCausalLM(ModelConfig.from_preset(preset, "tiny", **overrides))
+    if dtype is not None:
+        model.to(dtype)
+    model.eval()
+    if random_queries:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(".query"):
+                    p.normal_(0, 0.5)
+    return model
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """The bundled Shakespeare with a 512-token BPE, built once per test run. Tests only read it: one that
+    changes the folder copies it first."""
+    from layerwise.data.build import build_corpus
+
+    return build_corpus(["shakespeare"], tmp_path_factory.mktemp("data") / "shakespeare", vocab_size=512)

@@ -1,40 +1,19 @@
 """Diagnostics on small randomly initialised models of real HF families (built from transformers' classes)
 and on layerwise models: invariants that can fail, and removal effects equal to actually removing a layer."""
 
-import math
-
 import numpy as np
 import pytest
 import torch
 import transformers
-from torch import nn
+from conftest import HF_FAMILIES, hf_model, tiny_model
 
-from layerwise import LayerwiseForCausalLM, ModelConfig
 from layerwise.diagnose import SUPPORTED_FAMILIES, depth_view, diagnose
 from layerwise.diagnose.metrics import token_batches
 from layerwise.nn.hooks import capture
-
-SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+from layerwise.reference import angular_distance, block_influence, full_attnres_logits, mean_token_rms, skipping
 
 
-def hf_model(family):
-    if family == "gpt2":
-        cfg = transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=4, n_head=4, n_positions=64)
-    elif family == "gpt_neox":
-        cfg = transformers.GPTNeoXConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                         num_attention_heads=4, max_position_embeddings=64)
-    else:
-        cfg = transformers.AutoConfig.for_model(family, **SMALL)
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
-
-
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "phi3", "gpt2",
-            "gpt_neox"]
-
-
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", HF_FAMILIES)
 def test_last_logit_lens_layer_is_the_model_and_removal_equals_deleting_the_layer(family):
     model = hf_model(family)
     ids = torch.randint(0, 128, (2, 16))
@@ -49,29 +28,12 @@ def test_last_logit_lens_layer_is_the_model_and_removal_equals_deleting_the_laye
     assert ((m["angular_distance"] >= 0) & (m["angular_distance"] <= 1)).all()
     assert ("attn_contribution" in m) == (family != "gpt_neox")  # NeoX layers are parallel-residual
     # Removing layer s by hand (an identity in its place) gives the same loss change as the cached re-run.
-    view = depth_view(model)
-    kinds = []
-    handle = view.layers[0].register_forward_hook(lambda mod, args, out: kinds.append(isinstance(out, tuple)))
-    model(input_ids=ids[:, :2])
-    handle.remove()
-
-    class Skip(nn.Module):
-        def forward(self, hidden_states, *args, **kwargs):
-            return (hidden_states,) if kinds[0] else hidden_states
-
     for s in (0, 2):
-        original = view.layers[s]
-
-        view.layers[s] = Skip()
-        with torch.no_grad():
+        with torch.no_grad(), skipping(model, [s]):
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss.item()
-        view.layers[s] = original
         assert m["removal_delta_loss"][s].item() == pytest.approx(loss - m["loss"][0].item(), abs=1e-4)
-    originals = [view.layers[1], view.layers[2]]  # the 2-layer span 1..2, removed by hand
-    view.layers[1], view.layers[2] = Skip(), Skip()
-    with torch.no_grad():
+    with torch.no_grad(), skipping(model, [1, 2]):  # the 2-layer span 1..2, removed by hand
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss.item()
-    view.layers[1], view.layers[2] = originals
     assert len(m["span_removal_delta_loss"]) == L - 1
     assert m["span_removal_delta_loss"][1].item() == pytest.approx(loss - m["loss"][0].item(), abs=1e-4)
 
@@ -83,15 +45,14 @@ def test_angular_distance_and_block_influence_match_the_formulas_on_hidden_state
         out = model(input_ids=ids, output_hidden_states=True)
     # HF's hidden_states[L] is already final-normed for Llama; the raw last output is needed instead.
     m = diagnose(model, [ids], n_span=2, removal=False).metrics()
-    hs = out.hidden_states
+    hs = [h.double() for h in out.hidden_states]
     for layer in range(3):
-        cos = torch.nn.functional.cosine_similarity(hs[layer].double(), hs[layer + 1].double(), dim=-1)
-        assert m["block_influence"][layer].item() == pytest.approx(1 - cos.mean().item(), rel=1e-6)
-        assert m["angular_distance"][layer].item() == pytest.approx((torch.arccos(cos) / math.pi).mean().item(),
+        assert m["block_influence"][layer].item() == pytest.approx(block_influence(hs[layer], hs[layer + 1]).item(),
                                                                    rel=1e-6)
-    cos_last = torch.nn.functional.cosine_similarity(hs[1][:, -1].double(), hs[3][:, -1].double(), dim=-1)
-    assert m["span_angular_distance_last"][1].item() == pytest.approx((torch.arccos(cos_last) / math.pi).mean().item(),
-                                                                      rel=1e-6)
+        assert m["angular_distance"][layer].item() == pytest.approx(
+            angular_distance(hs[layer], hs[layer + 1]).item(), rel=1e-6)
+    assert m["span_angular_distance_last"][1].item() == pytest.approx(
+        angular_distance(hs[1][:, -1], hs[3][:, -1]).item(), rel=1e-6)
 
 
 def test_sublayer_contributions_split_the_layer_at_the_mid_residual():
@@ -126,13 +87,7 @@ RESIDUAL_SCHEMES = ["standard", "full_attnres", "block_attnres", "delta_attnres"
 
 
 def layerwise_model(residual, **overrides):
-    cfg = ModelConfig.from_preset("pre-rmsnorm", "tiny", n_layers=3, residual=residual, **overrides)
-    model = LayerwiseForCausalLM(cfg).double().eval()
-    with torch.no_grad():  # trained-looking depth attention: random pseudo-queries instead of zeros
-        for name, p in model.named_parameters():
-            if name.endswith(".query"):
-                p.normal_(0, 0.5)
-    return model
+    return tiny_model(n_layers=3, residual=residual, dtype=torch.float64, random_queries=True, **overrides)
 
 
 @pytest.mark.parametrize("residual", RESIDUAL_SCHEMES)
@@ -144,7 +99,7 @@ def test_layerwise_models_of_every_residual_scheme_end_at_the_model_itself(resid
     m = diagnose(model, [ids], n_span=2).metrics()
     # h_L is exactly what the final norm reads, so the last lens layer is the model.
     h_L = seen["model.hook_final_norm_in"]
-    assert m["hidden_rms"][-1].item() == pytest.approx(h_L.pow(2).mean(-1).sqrt().mean().item(), rel=1e-9)
+    assert m["hidden_rms"][-1].item() == pytest.approx(mean_token_rms(h_L).item(), rel=1e-9)
     assert abs(m["logit_lens_kl"][-1]) < 1e-9 and m["logit_lens_loss"][-1].item() == pytest.approx(loss, rel=1e-9)
     assert m["loss"][0].item() == pytest.approx(loss, rel=1e-9)
     assert torch.isfinite(m["removal_delta_loss"]).all() and len(m["attention_entropy"]) == 3
@@ -152,41 +107,26 @@ def test_layerwise_models_of_every_residual_scheme_end_at_the_model_itself(resid
 
 def test_lns_layer_removal_equals_an_identity_in_its_place():
     # LNS scales layer i by 1/sqrt(i+1): skipping must keep every later layer's own scale.
-    model = LayerwiseForCausalLM(ModelConfig.from_preset("lns", "tiny", n_layers=4)).double().eval()
+    model = tiny_model("lns", n_layers=4, dtype=torch.float64)
     ids = torch.randint(0, 256, (2, 16))
     m = diagnose(model, [ids], n_span=2).metrics()
-
-    class Skip(nn.Module):
-        def forward(self, x, ctx):
-            return x
-
     with torch.no_grad():
         full = model(ids, labels=ids).loss.item()
-        original = model.model.layers[1]
-        model.model.layers[1] = Skip()
-        skipped = model(ids, labels=ids).loss.item()
-        model.model.layers[1] = original
+        with skipping(model, [1]):
+            skipped = model(ids, labels=ids).loss.item()
     assert m["removal_delta_loss"][1].item() == pytest.approx(skipped - full, abs=1e-9)
 
 
 def test_full_attnres_layer_removal_is_the_model_without_that_layers_sources():
     """Skipping layer s of Full AttnRes: its two sublayers neither run nor become sources; every other sublayer
-    keeps its own pseudo-query. Written out source by source (spec 9.1) and compared in float64."""
+    keeps its own pseudo-query. Written out source by source and compared in float64."""
     model = layerwise_model("full_attnres")
     ids = torch.randint(0, 256, (2, 12))
     m = diagnose(model, [ids], n_span=2).metrics()
-    scheme, layers = model.model.residual, model.model.layers
     with torch.no_grad():
-        e, ctx = model.model.embed(input_ids=ids)
 
         def loss_without(skipped: set[int]) -> float:
-            sources = [e]
-            for i, layer in enumerate(layers):
-                if i in skipped:
-                    continue
-                for j, sub in ((2 * i, layer.attn), (2 * i + 1, layer.mlp)):
-                    sources.append(sub.branch(scheme.mixers[j](sources), ctx))
-            logits = model.lm_head(model.model.norm(scheme.final_mixer(sources)))
+            logits = full_attnres_logits(model, ids, skipped)
             return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item()
 
         full = loss_without(set())
@@ -218,13 +158,8 @@ def test_skip_effect_is_the_relative_change_of_each_later_layers_contribution():
 
     full = contributions()
 
-    def identity(m, args, kwargs, out):
-        h = args[0] if args else kwargs["hidden_states"]
-        return (h,) if isinstance(out, tuple) else h
-
-    hook = view.layers[1].register_forward_hook(identity, with_kwargs=True)
-    skipped = contributions()
-    hook.remove()
+    with skipping(model, [1]):
+        skipped = contributions()
     for later in (2, 3):
         expected = ((full[later] - skipped[later]).norm(dim=-1) / full[later].norm(dim=-1)).mean().item()
         assert effect[1, later].item() == pytest.approx(expected, rel=1e-5)
@@ -233,8 +168,7 @@ def test_skip_effect_is_the_relative_change_of_each_later_layers_contribution():
 @pytest.mark.parametrize("which", ["llama", "layerwise"])
 def test_uniform_attention_has_entropy_log_of_the_visible_prefix(which):
     """With zero queries every position attends uniformly to its t+1 visible keys: entropy log(t+1)."""
-    model = hf_model("llama") if which == "llama" else LayerwiseForCausalLM(
-        ModelConfig.from_preset("pre-rmsnorm", "tiny", n_layers=2)).eval()
+    model = hf_model("llama") if which == "llama" else tiny_model(n_layers=2)
     attention = [depth_view(model).attention(layer) for layer in depth_view(model).layers]
     with torch.no_grad():
         for attn in attention:
