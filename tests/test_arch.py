@@ -4,17 +4,15 @@ that norm's output, every norm and every linear is declared exactly once, the fi
 import pytest
 import torch
 import transformers
+from conftest import HF_FAMILIES, hf_model
 from torch import nn
 
 from layerwise import LayerwiseForCausalLM, ModelConfig
 from layerwise.arch import FEEDS, LINEAR_GROUPS, ROLES, SUPPORTED_FAMILIES, depth_view, model_map
 from layerwise.errors import UserError
-from layerwise.nn.norms import NORMS, rms_normalize
+from layerwise.nn.norms import NORMS
+from layerwise.reference import rms_norm
 
-SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
-HF_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "phi3",
-               "gpt2", "gpt_neox"]
 # Every placement, every norm (BHyT in both forms) and the options that add norms or linears.
 LAYERWISE = {
     "pre": {}, "post": dict(norm_placement="post"), "peri": dict(norm_placement="peri", embedding_norm=True),
@@ -28,17 +26,6 @@ LAYERWISE = {
     "block-attnres": dict(residual="block_attnres", attnres_blocks=4), "delta-attnres": dict(residual="delta_attnres"),
 }
 CASES = HF_FAMILIES + [f"layerwise-{name}" for name in LAYERWISE]
-
-
-def hf_model(family):
-    if family == "gpt2":
-        cfg = transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=4, n_head=4, n_positions=64)
-    elif family == "gpt_neox":
-        cfg = transformers.GPTNeoXConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                         num_attention_heads=4, max_position_embeddings=64)
-    else:
-        cfg = transformers.AutoConfig.for_model(family, **SMALL)
-    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
 
 
 def layerwise_model(**fields):
@@ -197,7 +184,7 @@ def test_rmsnorm_gain_offset_is_what_the_norm_multiplies_by():
             with torch.no_grad():
                 norm.weight.copy_(torch.randn_like(norm.weight))
                 x = torch.randn(3, norm.weight.shape[0])
-                torch.testing.assert_close(norm(x), (site.gain_offset + norm.weight) * rms_normalize(x, eps))
+                torch.testing.assert_close(norm(x), rms_norm(x, site.gain_offset + norm.weight, eps))
         assert {s.gain_offset for s in mm.norms()} == {1.0 if family.startswith("gemma") else 0.0}
 
 

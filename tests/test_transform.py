@@ -4,21 +4,21 @@ through save/load, and its config says what it lost."""
 
 import copy
 import json
-from contextlib import contextmanager
 
+import conftest
 import pytest
 import torch
 import transformers
 import typer
+from conftest import HF_FAMILIES, HF_SMALL, tiny_model
 from typer.testing import CliRunner
 
-from layerwise import LayerwiseForCausalLM, ModelConfig
+from layerwise import LayerwiseForCausalLM
 from layerwise.diagnose import depth_view
+from layerwise.reference import skipping
 from layerwise.transform import drop_layers, original_layer_indices, parse_layer_list, save_pruned
 from layerwise.transform.cli import prune_command
 
-SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
 ALTERNATING = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
 # A window shorter than the test sequences, so a layer given the wrong attention type changes the logits.
 PER_FAMILY = {
@@ -27,44 +27,12 @@ PER_FAMILY = {
     "qwen2": dict(use_sliding_window=True, sliding_window=4, max_window_layers=2),  # full, full, sliding, sliding
     "qwen3": dict(use_sliding_window=True, sliding_window=4, max_window_layers=2),
 }
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "phi3", "gpt2",
-            "gpt_neox"]
 DROP = [0, 3]  # both survivors move, so a stale layer_idx or an unsliced layer_types shows
 
 
 def hf_model(family, **overrides):
-    if family == "gpt2":
-        cfg = transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=4, n_head=4, n_positions=64, **overrides)
-    elif family == "gpt_neox":
-        cfg = transformers.GPTNeoXConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                         num_attention_heads=4, max_position_embeddings=64)
-    else:
-        cfg = transformers.AutoConfig.for_model(family, **{**SMALL, **PER_FAMILY.get(family, {}), **overrides})
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    model.generation_config.eos_token_id = None  # decode the full length, as the cache-free loop does
-    return model
-
-
-def layerwise_model(preset, **overrides):
-    torch.manual_seed(0)
-    return LayerwiseForCausalLM(ModelConfig.from_preset(preset, size="tiny", **overrides)).eval()
-
-
-@contextmanager
-def skipping(model, layers):
-    """The model with `layers` replaced by the identity: each returns its input hidden states."""
-    def identity(module, args, kwargs, out):
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
-
-    stack = depth_view(model).layers
-    handles = [stack[i].register_forward_hook(identity, with_kwargs=True) for i in layers]
-    try:
-        yield model
-    finally:
-        for handle in handles:
-            handle.remove()
+    """The shared small model of `family`, with a short sliding window where the family has one."""
+    return conftest.hf_model(family, **{**PER_FAMILY.get(family, {}), **overrides})
 
 
 @torch.no_grad()
@@ -103,17 +71,17 @@ def assert_cached_greedy_matches_full_forwards(pruned, vocab):
 
 # ---- Hugging Face families ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", HF_FAMILIES)
 def test_pruned_model_is_the_original_with_those_layers_skipped(family):
     assert_prunes_like_skipping(hf_model(family), DROP, vocab=128)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", HF_FAMILIES)
 def test_pruned_model_decodes_with_its_cache_like_full_forwards(family):
     assert_cached_greedy_matches_full_forwards(drop_layers(hf_model(family), DROP), vocab=128)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", HF_FAMILIES)
 def test_pruned_model_round_trips_through_save_and_load(family, tmp_path):
     pruned = drop_layers(hf_model(family), DROP)
     save_pruned(pruned, None, tmp_path)
@@ -143,7 +111,7 @@ def test_qwen2_max_window_layers_moves_with_the_full_attention_layers_it_counts(
     pruned = drop_layers(hf_model("qwen2"), DROP)  # full, full, sliding, sliding -> full, sliding
     assert pruned.config.layer_types == ["full_attention", "sliding_attention"]
     assert pruned.config.max_window_layers == 1
-    rebuilt = transformers.Qwen2Config(**{**SMALL, **PER_FAMILY["qwen2"], "num_hidden_layers": 2,
+    rebuilt = transformers.Qwen2Config(**{**HF_SMALL, **PER_FAMILY["qwen2"], "num_hidden_layers": 2,
                                           "max_window_layers": 1})
     assert rebuilt.layer_types == pruned.config.layer_types
     only_full = drop_layers(hf_model("qwen2"), [2, 3])
@@ -183,13 +151,13 @@ LAYERWISE_DROP = [1, 3]  # layer 0 stays: LNS keeps 1/sqrt(3) for original layer
 
 @pytest.mark.parametrize("preset", ["pre-rmsnorm", "lns", "mix-ln", "deepnorm", "bhyt"])
 def test_layerwise_pruned_model_keeps_each_surviving_layers_own_math(preset):
-    pruned = assert_prunes_like_skipping(layerwise_model(preset), LAYERWISE_DROP, vocab=256)
+    pruned = assert_prunes_like_skipping(tiny_model(preset), LAYERWISE_DROP, vocab=256)
     assert pruned.config.n_layers == 2 and pruned.config.layerwise_dropped_layers == LAYERWISE_DROP
     assert_cached_greedy_matches_full_forwards(pruned, vocab=256)
 
 
 def test_layerwise_pruned_model_round_trips_through_save_and_load(tmp_path):
-    pruned = drop_layers(layerwise_model("pre-rmsnorm"), LAYERWISE_DROP)
+    pruned = drop_layers(tiny_model("pre-rmsnorm"), LAYERWISE_DROP)
     save_pruned(pruned, None, tmp_path)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert isinstance(loaded, LayerwiseForCausalLM)
@@ -201,7 +169,7 @@ def test_layerwise_pruned_model_round_trips_through_save_and_load(tmp_path):
 @pytest.mark.parametrize("preset, field", [("lns", "layernorm_scaling"), ("deepnorm", "norm_placement")])
 def test_layerwise_depth_dependent_pruned_model_refuses_to_save(preset, field, tmp_path):
     # Reloading would rebuild the survivors with their new indices (LNS 1/sqrt(i+1), DeepNorm's alpha from L).
-    pruned = drop_layers(layerwise_model(preset), LAYERWISE_DROP)
+    pruned = drop_layers(tiny_model(preset), LAYERWISE_DROP)
     with pytest.raises(ValueError, match=f"layerwise_dropped_layers=.* {field}="):
         pruned.save_pretrained(tmp_path)
 
@@ -209,7 +177,7 @@ def test_layerwise_depth_dependent_pruned_model_refuses_to_save(preset, field, t
 @pytest.mark.parametrize("preset, reason", [("block-attnres", "AttnRes keeps a depth-attention mixer per sublayer"),
                                             ("resformer", "value_residual='resformer'")])
 def test_layerwise_models_whose_layers_are_not_units_refuse_pruning(preset, reason):
-    model = layerwise_model(preset)
+    model = tiny_model(preset)
     with pytest.raises(ValueError, match=reason):
         drop_layers(model, [1])
     assert len(model.model.layers) == 4
