@@ -112,3 +112,17 @@ def block_attnres_logits(model, ids: torch.Tensor, block_size: int) -> torch.Ten
     n_blocks = len(outputs) // block_size
     final_sources = [e] + [sum(outputs[m * block_size: (m + 1) * block_size]) for m in range(n_blocks)]
     return model.lm_head(model.model.norm(depth_attention(scheme.final_mixer, final_sources)))
+
+
+def delta_attnres_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """Delta AttnRes: h stays a residual stream; sublayer j >= 1 reads h plus depth attention (mixer j - 1) over
+    [embedding, the stream's change from each earlier sublayer]; the final norm reads the stream."""
+    e, ctx = model.model.embed(input_ids=ids)
+    mixers = model.model.residual.mixers
+    h, deltas = e, []
+    for j, sub in enumerate(sublayers(model.model.layers)):
+        x = h if j == 0 else h + depth_attention(mixers[j - 1], [e] + deltas)
+        h_next = h + sub.branch(x, ctx)
+        deltas.append(h_next - h)
+        h = h_next
+    return model.lm_head(model.model.norm(h))
