@@ -24,6 +24,8 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
+    """Its own build, not the session's: 300 tokens is not a multiple of 64, so the model's padded vocabulary
+    (320) shows that the CLI pads it."""
     from layerwise.data.build import build_corpus
 
     return build_corpus(["shakespeare"], tmp_path_factory.mktemp("data") / "c", vocab_size=300)

@@ -2,13 +2,11 @@
 
 import json
 
-from layerwise.data.build import build_corpus
 from layerwise.compare import compare
 from layerwise.train.config import TrainConfig
 
 
-def test_compare_trains_each_preset_on_identical_batches_and_writes_table_and_plots(tmp_path):
-    corpus = build_corpus(["shakespeare"], tmp_path / "data", vocab_size=512)
+def test_compare_trains_each_preset_on_identical_batches_and_writes_table_and_plots(corpus, tmp_path):
     base = TrainConfig(model={"size": "tiny"}, data=str(corpus), max_tokens=10 * 8 * 64, batch_size=8, seq_len=64,
                        lr=3e-3, eval_every=5, eval_batches=2, telemetry_every=5, ckpt_every=10, tensorboard=False)
     report = compare(["pre-ln", "lns"], [0, 1], base, tmp_path / "cmp")

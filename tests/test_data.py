@@ -23,12 +23,7 @@ from layerwise.data.sources import SOURCES, get_source, read_text_file
 from layerwise.data.tokenizer import EOT, encode_documents, load_tokenizer, train_bpe
 from layerwise.errors import UserError
 
-VOCAB = 512
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    return build_corpus(["shakespeare"], tmp_path_factory.mktemp("c") / "shakespeare", vocab_size=VOCAB)
+VOCAB = 512  # the session corpus's BPE size (conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +39,8 @@ def split_at(tokens: np.ndarray, separator: int) -> list[np.ndarray]:
 
 # --- building a corpus ---------------------------------------------------------------------------------------
 
-def test_manifest_records_each_source_truthfully(built, plays):
-    manifest = json.loads((built / "manifest.json").read_text())
+def test_manifest_records_each_source_truthfully(corpus, plays):
+    manifest = json.loads((corpus / "manifest.json").read_text())
     (source,) = manifest["sources"]
     text = b"".join(body.encode("utf-8") for _, body in plays)
     assert source["name"] == "shakespeare" and source["documents"] == 42
@@ -54,16 +49,16 @@ def test_manifest_records_each_source_truthfully(built, plays):
     assert source["bytes"] == len(text) > 5_000_000
     assert source["tokens"] == manifest["tokens"]
     assert manifest["tokenizer"]["vocab_size"] == VOCAB == manifest["vocab_size"]
-    assert manifest["tokenizer"]["sha256"] == hashlib.sha256((built / "tokenizer.json").read_bytes()).hexdigest()
+    assert manifest["tokenizer"]["sha256"] == hashlib.sha256((corpus / "tokenizer.json").read_bytes()).hexdigest()
     assert datetime.fromisoformat(manifest["built_at"]).tzinfo is not None
-    data = open_token_data(built)
+    data = open_token_data(corpus)
     assert (len(data.train), len(data.val)) == (manifest["tokens"]["train"], manifest["tokens"]["val"])
     assert data.vocab_size == VOCAB and data.train.dtype == np.uint16 and int(np.max(data.train)) < VOCAB
-    assert data.tokenizer_path == built / "tokenizer.json" and data.eot_id == manifest["eot_id"]
+    assert data.tokenizer_path == corpus / "tokenizer.json" and data.eot_id == manifest["eot_id"]
 
 
-def test_validation_split_is_exactly_the_held_out_tail_of_every_document(built, plays):
-    data = open_token_data(built)
+def test_validation_split_is_exactly_the_held_out_tail_of_every_document(corpus, plays):
+    data = open_token_data(corpus)
     tokenizer = load_tokenizer(data.tokenizer_path)
     heads, tails = zip(*(split_document(text, 0.01) for _, text in plays))
     val_docs = split_at(np.asarray(data.val), data.eot_id)
@@ -85,8 +80,8 @@ def test_split_document_cuts_at_a_line_break_near_the_requested_fraction():
 
 # --- tokenizers ----------------------------------------------------------------------------------------------
 
-def test_decode_of_encode_is_the_text_and_parallel_pieces_change_no_id(built, plays):
-    tokenizer = load_tokenizer(built)
+def test_decode_of_encode_is_the_text_and_parallel_pieces_change_no_id(corpus, plays):
+    tokenizer = load_tokenizer(corpus)
     _, hamlet = next(p for p in plays if p[0].startswith("hamlet"))
     ids = encode_documents(tokenizer, [hamlet])  # encoded in ~16 KB pieces in parallel
     eot = tokenizer.token_to_id(EOT)
@@ -107,8 +102,8 @@ def test_bpe_training_is_deterministic_and_rejects_a_vocab_below_the_byte_alphab
         train_bpe(texts, 200)
 
 
-def test_a_gpt2_style_folder_with_vocab_and_merges_loads(built, tmp_path):
-    trained = load_tokenizer(built)
+def test_a_gpt2_style_folder_with_vocab_and_merges_loads(corpus, tmp_path):
+    trained = load_tokenizer(corpus)
     trained.model.save(str(tmp_path))  # writes vocab.json + merges.txt, GPT-2's layout
     loaded = load_tokenizer(tmp_path)
     text = "Now is the winter of our discontent\nMade glorious summer by this sun of York;"

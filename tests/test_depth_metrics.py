@@ -5,10 +5,11 @@ from contextlib import nullcontext
 
 import pytest
 import torch
+from conftest import tiny_model
 
-from layerwise import LayerwiseForCausalLM, ModelConfig
 from layerwise.diagnose import diagnose
 from layerwise.nn.hooks import capture
+from layerwise.reference import mean_token_rms
 from layerwise.report.comparison import telemetry_series
 from layerwise.train.telemetry import measure_depth
 
@@ -17,14 +18,8 @@ PRESETS = ["pre-rmsnorm", "post-ln", "bhyt", "block-attnres", "attnres", "delta-
 
 
 def trained_looking(preset):
-    torch.manual_seed(0)
     overrides = {"attnres_blocks": 3} if preset in ("block-attnres", "delta-block-attnres") else {}
-    model = LayerwiseForCausalLM(ModelConfig.from_preset(preset, "tiny", n_layers=3, **overrides)).eval()
-    with torch.no_grad():  # zero pseudo-queries would make every mixer a plain mean
-        for name, p in model.named_parameters():
-            if name.endswith(".query"):
-                p.normal_(0, 0.5)
-    return model
+    return tiny_model(preset, n_layers=3, random_queries=True, **overrides)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -40,10 +35,6 @@ def test_telemetry_and_diagnose_agree_on_every_shared_name(preset):
                                    rtol=1e-12, atol=0, msg=name)
 
 
-def per_token_rms_mean(x):
-    return x.double().pow(2).mean(-1).sqrt().mean().item()
-
-
 @pytest.mark.parametrize("preset", ["pre-rmsnorm", "block-attnres"])
 def test_hidden_rms_is_the_per_token_rms_of_the_readout_and_ends_at_the_final_norm_input(preset):
     model = trained_looking(preset)
@@ -51,9 +42,9 @@ def test_hidden_rms_is_the_per_token_rms_of_the_readout_and_ends_at_the_final_no
     with torch.no_grad(), capture(model, ["model.layers.*.attn.hook_in", "model.hook_final_norm_in"]) as seen:
         model(ids)
     telemetry = measure_depth(model, ids, nullcontext())
-    attn_inputs = [per_token_rms_mean(seen[f"model.layers.{i}.attn.hook_in"]) for i in range(3)]
-    assert telemetry["hidden_rms"][-1] == pytest.approx(per_token_rms_mean(seen["model.hook_final_norm_in"]),
-                                                        rel=1e-12)
+    attn_inputs = [mean_token_rms(seen[f"model.layers.{i}.attn.hook_in"].double()).item() for i in range(3)]
+    h_L = seen["model.hook_final_norm_in"].double()
+    assert telemetry["hidden_rms"][-1] == pytest.approx(mean_token_rms(h_L).item(), rel=1e-12)
     if preset == "pre-rmsnorm":  # the stream is what each layer reads
         assert telemetry["hidden_rms"][:3] == pytest.approx(attn_inputs, rel=1e-12)
         assert "routed_input_rms" not in telemetry
@@ -67,7 +58,7 @@ def test_hidden_rms_is_the_mean_over_tokens_not_one_rms_over_all_values():
     ids = torch.randint(0, 256, (2, 12))
     telemetry = measure_depth(model, ids, nullcontext())
     h0 = model.model.embed_tokens(ids).detach()
-    assert telemetry["hidden_rms"][0] == pytest.approx(per_token_rms_mean(h0), rel=1e-12)
+    assert telemetry["hidden_rms"][0] == pytest.approx(mean_token_rms(h0.double()).item(), rel=1e-12)
     assert telemetry["hidden_rms"][0] != pytest.approx(h0.pow(2).mean().sqrt().item(), rel=1e-4)
 
 

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from layerwise import LayerwiseForCausalLM, ModelConfig
 from layerwise.data.corpus import shakespeare_text
 from layerwise.data.shards import write_shard
-from layerwise.data.tokenizer import EOT, train_bpe
+from layerwise.data.tokenizer import EOT
 from layerwise.evaluate import (EvalResult, Prompt, binomial_stderr, encode_prompt, evaluate, hellaswag_items,
                                 lambada_prompts, preprocess, score_prompts, shard_perplexity, token_perplexity,
                                 wilson_interval)
@@ -24,13 +24,12 @@ from layerwise.evaluate import hellaswag as hellaswag_module
 from layerwise.evaluate.cli import eval_command
 from layerwise.evaluate.scoring import Score
 
-VOCAB = 384
+VOCAB = 512  # the session corpus's BPE size (conftest.py)
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=train_bpe([shakespeare_text()[:100_000]], VOCAB),
-                                                eos_token=EOT)
+def tokenizer(corpus):
+    return transformers.PreTrainedTokenizerFast(tokenizer_file=str(corpus / "tokenizer.json"), eos_token=EOT)
 
 
 def tiny_model(family: str, dtype=torch.float64, n_layers: int = 2):
@@ -178,8 +177,9 @@ def test_token_perplexity_is_exp_of_the_mean_nll_over_non_overlapping_windows():
 
 
 def test_shard_perplexity_rejects_tokens_from_a_larger_vocabulary(tmp_path):
-    path = write_shard(tmp_path / "val.bin", np.arange(64) % 500, vocab_size=500)
-    with pytest.raises(ValueError, match="vocabulary 500 exceeds the model's 384"):
+    larger = VOCAB + 116
+    path = write_shard(tmp_path / "val.bin", np.arange(64) % larger, vocab_size=larger)
+    with pytest.raises(ValueError, match=f"vocabulary {larger} exceeds the model's {VOCAB}"):
         shard_perplexity(tiny_model("llama"), path, seq_len=16)
 
 

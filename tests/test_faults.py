@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from layerwise.compare import compare
-from layerwise.data.build import build_corpus
 from layerwise.data.shards import HEADER_BYTES, write_shard
 from layerwise.errors import UserError
 from layerwise.runs import LOCK, read_metrics, run_tokenizer
@@ -24,11 +23,6 @@ from layerwise.train.config import TrainConfig
 from layerwise.train.trainer import train
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return build_corpus(["shakespeare"], tmp_path_factory.mktemp("data") / "shakespeare", vocab_size=512)
 
 
 def small(corpus, out, **overrides) -> TrainConfig:

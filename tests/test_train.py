@@ -13,19 +13,12 @@ import pytest
 import torch
 
 from layerwise.config import ModelConfig, field_names
-from layerwise.data.build import build_corpus
 from layerwise.errors import UserError
 from layerwise.train.checkpoint import CorruptCheckpoint, latest_valid_checkpoint, list_checkpoints, verify_checkpoint
 from layerwise.train.config import TrainConfig, apply_overrides, parse_count
 from layerwise.train.optim import lr_at, param_groups
 from layerwise.train.trainer import (TrainingDiverged, Trainer, attention_gain_refresh_every, build_model_config,
                                       train)
-
-
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory) -> Path:
-    """The embedded Shakespeare corpus with a small BPE, built once for the session."""
-    return build_corpus(["shakespeare"], tmp_path_factory.mktemp("data") / "shakespeare", vocab_size=512)
 
 
 def small(corpus, out, preset="pre-rmsnorm", **overrides) -> TrainConfig:
@@ -78,6 +71,7 @@ def test_training_lowers_validation_loss_and_logs_metrics_and_telemetry(corpus, 
 
 def test_telemetry_hidden_rms_is_the_residual_stream_rms_for_pre_ln(corpus, tmp_path):
     from layerwise import LayerwiseForCausalLM, ModelConfig
+    from layerwise.reference import mean_token_rms
     from layerwise.train.telemetry import measure_depth
     from contextlib import nullcontext
 
@@ -89,9 +83,9 @@ def test_telemetry_hidden_rms_is_the_residual_stream_rms_for_pre_ln(corpus, tmp_
     from layerwise.nn.attention import ForwardContext, rope_cos_sin
     ctx = ForwardContext(rope=rope_cos_sin(torch.arange(16)[None], 32, 10000.0))
     for layer in model.model.layers:
-        expected.append(h.pow(2).mean(-1).sqrt().mean().item())  # per-token RMS, then the mean over tokens
+        expected.append(mean_token_rms(h).item())
         h = layer(h, ctx)
-    expected.append(h.pow(2).mean(-1).sqrt().mean().item())
+    expected.append(mean_token_rms(h).item())
     assert rec["hidden_rms"] == pytest.approx(expected, rel=1e-5)
 
 
