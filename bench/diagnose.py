@@ -10,13 +10,14 @@ ours      `diagnose(model, batches, n_span, removal=False)` (the one-pass metric
 naive (a) `model(ids, output_hidden_states=True)` per batch, every batch's hidden states kept until the end
           (LLM-Streamline's get_cosine.py keeps them all, moved to host memory; here they stay on the device,
           so the growth shows in the device's peak), then angular distance, BI and hidden RMS from them.
-naive (b) one full forward per removed layer and per removed n-span, with an identity module in the
-          ModuleList in place of the skipped layers, scored by `model(ids, labels=ids).loss`.
+naive (b) one full forward per removed layer and per removed n-span with the skipped layers' outputs replaced by
+          their inputs (`layerwise.reference.skipping`, the removal the tests check against; the skipped layers
+          still run), scored by `model(ids, labels=ids).loss`.
           `--naive-removal-layers K` runs K evenly spaced layers (and K spans) and extrapolates to all.
 
 Both sides are checked against each other in the same run: the loss change per removed layer/span, and angular
 distance / BI for layers 0..L-2 and hidden RMS for 0..L-1 only, because HF's last hidden state is taken after
-the final norm (shared/spec/diagnostics.md §6.1) while ours uses the raw output of the last layer.
+the final norm for Llama-family models while ours uses the raw output of the last layer.
 
 Peak memory at two token counts (--tokens N, and N/4 but at least two batches) shows what grows with N.
 CUDA: max_memory_allocated above what was allocated before the measurement. CPU: each measurement runs in a
@@ -41,7 +42,6 @@ import copy
 import ctypes
 import gc
 import json
-import math
 import os
 import platform
 import resource
@@ -53,12 +53,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
-
 from layerwise.diagnose import depth_view, diagnose
-from layerwise.loading import load_model, load_tokens, smollm2_gguf
 from layerwise.diagnose.metrics import token_batches
+from layerwise.loading import load_model, load_tokens, smollm2_gguf
+from layerwise.reference import angular_distance, block_influence, mean_token_rms, skipping
 
 COMPARED = ("angular_distance", "block_influence", "hidden_rms", "loss", "removal_delta_loss",
             "span_removal_delta_loss")
@@ -80,33 +78,17 @@ def naive_hidden_state_metrics(model, batches) -> dict:
     h_next = flat(0)
     for l in range(n_states):
         h = h_next
-        rms.append(h.pow(2).mean(-1).sqrt().mean())
+        rms.append(mean_token_rms(h))
         if l + 1 < n_states:
             h_next = flat(l + 1)
-            cos = F.cosine_similarity(h, h_next, dim=-1).clamp(-1, 1)
-            distance.append(torch.arccos(cos).mean() / math.pi)
-            influence.append(1 - cos.mean())
+            distance.append(angular_distance(h, h_next))
+            influence.append(block_influence(h, h_next))
     return {"angular_distance": torch.stack(distance).tolist(), "block_influence": torch.stack(influence).tolist(),
             "hidden_rms": torch.stack(rms).tolist()}
 
 
-class SkippedLayer(nn.Module):
-    """Stands in for a removed decoder layer: returns its input, shaped like the layer's own output."""
-
-    def __init__(self, returns_tuple: bool):
-        super().__init__()
-        self.returns_tuple = returns_tuple
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return (hidden_states,) if self.returns_tuple else hidden_states
-
-
 def naive_removal(model, batches, layers: list[int], spans: list[int], n_span: int, log=print) -> dict:
     """One full forward over all batches per removed layer (and per removed span of n_span layers)."""
-    view = depth_view(model)  # only to find the layer list, whatever the family calls it
-    kinds = []
-    probe = view.layers[0].register_forward_hook(lambda mod, args, out: kinds.append(isinstance(out, tuple)))
-
     def mean_loss():
         total, count = 0.0, 0
         for ids in batches:
@@ -116,18 +98,11 @@ def naive_removal(model, batches, layers: list[int], spans: list[int], n_span: i
         return (total / count).item()
 
     def loss_without(first, count):
-        originals = [view.layers[j] for j in range(first, first + count)]
-        for j in range(first, first + count):
-            view.layers[j] = SkippedLayer(kinds[0])
-        try:
+        with skipping(model, range(first, first + count)):
             return mean_loss()
-        finally:
-            for j, layer in zip(range(first, first + count), originals):
-                view.layers[j] = layer
 
     t0 = time.perf_counter()
     full = mean_loss()
-    probe.remove()
     t_full = time.perf_counter() - t0
     out = {"loss": full, "seconds_full": t_full, "layers": layers, "spans": spans}
     for name, starts, count in (("removal", layers, 1), ("span_removal", spans, n_span)):
@@ -436,9 +411,10 @@ def summarise(rows, args, config: dict, argv) -> dict:
                                                          nv["block_influence"][:L - 1]),
         "hidden_rms_layers_0_to_L-1": _max_abs_diff(ov["hidden_rms"][:L], nv["hidden_rms"][:L]),
     }
-    # Not errors: HF's last hidden state is final-normed (pitfall §6.1), ours is the raw output of the last layer.
-    pitfall = {"angular_distance_last_layer": abs(ov["angular_distance"][L - 1] - nv["angular_distance"][L - 1]),
-               "hidden_rms_last_state": abs(ov["hidden_rms"][L] - nv["hidden_rms"][L])}
+    # Not errors: HF's last hidden state is final-normed, ours is the raw output of the last layer.
+    final_norm_gap = {
+        "angular_distance_last_layer": abs(ov["angular_distance"][L - 1] - nv["angular_distance"][L - 1]),
+        "hidden_rms_last_state": abs(ov["hidden_rms"][L] - nv["hidden_rms"][L])}
 
     def entry(name, seconds, tokens, peak, base=None):
         out = {"name": name, "tokens": tokens, "seconds": seconds,
@@ -520,9 +496,9 @@ def summarise(rows, args, config: dict, argv) -> dict:
         "also scores KL to the full model; naive (b) scores the loss only.",
         "Agreement (max |ours - naive|): " + ", ".join(f"{k} {fmt(v, '.2e')}" for k, v in agreement.items()) + ".",
         f"Angular distance and BI are compared on layers 0..L-2, RMS on 0..L-1: HF's last hidden state is "
-        f"after the final norm (pitfall §6.1), so naive (a)'s last-layer values are not the last layer's own "
-        f"(here they differ by {pitfall['angular_distance_last_layer']:.2e} in angular distance and "
-        f"{pitfall['hidden_rms_last_state']:.2e} in RMS).",
+        f"after the final norm, so naive (a)'s last-layer values are not the last layer's own "
+        f"(here they differ by {final_norm_gap['angular_distance_last_layer']:.2e} in angular distance and "
+        f"{final_norm_gap['hidden_rms_last_state']:.2e} in RMS).",
     ]
     if extrapolated:
         notes.append(f"naive (b) ran layers {b['layers']} and spans {b['spans']} ({b['seconds_removal']:.1f} s + "
@@ -530,7 +506,7 @@ def summarise(rows, args, config: dict, argv) -> dict:
                      f"model) and is extrapolated linearly to {L} layers and {n_spans} spans.")
     table = "\n".join(lines + notes)
     return {"header": header, "config": config, "rows": table_rows, "measurements": rows, "agreement": agreement,
-            "last_layer_pitfall_6.1": pitfall, "naive_removal_extrapolated": extrapolated, "table": table}
+            "last_layer_final_norm_gap": final_norm_gap, "naive_removal_extrapolated": extrapolated, "table": table}
 
 
 def cli() -> None:

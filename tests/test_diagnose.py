@@ -192,9 +192,9 @@ def test_unsupported_architecture_lists_the_supported_ones():
     cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=64, is_decoder=True)
     model = transformers.BertLMHeadModel(cfg)
-    with pytest.raises(ValueError, match="unsupported architecture 'bert'.*supported: gemma"):
+    with pytest.raises(ValueError, match="unsupported architecture 'bert'.*supported: gemma") as err:
         diagnose(model, [torch.zeros(1, 4).long()])
-    assert "llama" in SUPPORTED_FAMILIES and "gpt_neox" in SUPPORTED_FAMILIES
+    assert all(family in str(err.value) for family in SUPPORTED_FAMILIES)
 
 
 def test_token_batches_are_consecutive_windows_up_to_the_budget():

@@ -1,6 +1,7 @@
-"""Norms checked against their papers' formulas in float64 (spec: shared/spec/methods.md §0, §4-6, §14, §15).
+"""Norms checked against their papers' formulas in float64: LayerNorm, RMSNorm, SeeDNorm, DyT, BHyT and the
+frozen-scale LN (docs/variants.md lists each paper and where we depart from its released code).
 
-Every reference below is written from the spec's formula, not from the module's code, and every module
+Every reference below is written from the paper's formula, not from the module's code, and every module
 under test has random (non-init) parameters unless the property is about the init.
 """
 
@@ -16,6 +17,7 @@ from layerwise.nn.attention import ForwardContext, rope_cos_sin
 from layerwise.nn.block import BHyTParallelLayer, Layer, refresh_attention_gains
 from layerwise.nn.norms import (BHyT, DyT, FrozenScaleNorm, LayerNorm, RMSNorm, SeeDNorm, approximate_mean_square,
                                 attention_output_gain)
+from layerwise.reference import root_mean_square
 
 TIGHT = dict(atol=1e-12, rtol=1e-12)
 EXACT = dict(atol=0, rtol=0)
@@ -34,26 +36,23 @@ def _randomise(module, low=-1.5, high=1.5):
     return module
 
 
-def _rms(x, eps):
-    return torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-
-
 def _ctx(T, head_dim=32):
     return ForwardContext(rope=rope_cos_sin(torch.arange(T)[None], head_dim, 10000.0))
 
 
-# ---- §0: LayerNorm and RMSNorm ------------------------------------------------------------------------------
+# ---- LayerNorm and RMSNorm ------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("eps", [1e-6, 1e-5])
 def test_rmsnorm_is_gamma_times_x_over_root_mean_square_plus_eps(eps):
     x = x64(3, 5, D)
     norm = _randomise(RMSNorm(D, eps=eps).double())
-    torch.testing.assert_close(norm(x), norm.weight * x / _rms(x, eps), **TIGHT)
+    torch.testing.assert_close(norm(x), norm.weight * x / root_mean_square(x, eps), **TIGHT)
 
 
 def test_rmsnorm_in_bf16_follows_the_llama_precision_convention():
-    # §0: mean of squares in fp32, multiply by rsqrt, cast back to the activation dtype, then multiply by gamma.
+    # LLaMA's convention: mean of squares in fp32, multiply by rsqrt, cast back to the activation dtype, then
+    # multiply by gamma.
     x = (torch.randn(4, 7, D) * 3).bfloat16()
     norm = _randomise(RMSNorm(D, eps=1e-6)).bfloat16()
     xf = x.float()
@@ -67,7 +66,7 @@ def test_rmsnorm_in_bf16_follows_the_llama_precision_convention():
 def test_layernorm_is_gamma_times_centred_x_over_biased_std_plus_beta(bias):
     x = x64(3, 5, D)
     norm = _randomise(LayerNorm(D, eps=1e-5, bias=bias).double())
-    mu, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)  # biased variance, as in §0
+    mu, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)  # biased, as torch's
     expected = norm.weight * (x - mu) / torch.sqrt(var + 1e-5) + (norm.bias if bias else 0.0)
     torch.testing.assert_close(norm(x), expected, **TIGHT)
 
@@ -84,7 +83,7 @@ def test_rmsnorm_and_layernorm_start_at_unit_gain_and_zero_bias():
     assert torch.equal(rms.weight, torch.ones(D)) and [n for n, _ in rms.named_parameters()] == ["weight"]
 
 
-# ---- §6: SeeDNorm -------------------------------------------------------------------------------------------
+# ---- SeeDNorm -------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("heads", [1, 4, 16])
@@ -99,7 +98,7 @@ def test_single_head_seednorm_is_gamma_plus_alpha_tanh_of_x_dot_beta_times_x_hat
     x = x64(2, 7, D)
     norm = _randomise(SeeDNorm(D, heads=1).double(), -0.3, 0.3)
     s = torch.tanh((x * norm.beta).sum(-1, keepdim=True))  # ONE scalar per token, from the un-normalised x
-    expected = (norm.weight + norm.alpha * s) * x / _rms(x, 1e-6)
+    expected = (norm.weight + norm.alpha * s) * x / root_mean_square(x, 1e-6)
     torch.testing.assert_close(norm(x), expected, **TIGHT)
 
 
@@ -107,7 +106,7 @@ def test_single_head_seednorm_is_gamma_plus_alpha_tanh_of_x_dot_beta_times_x_hat
 def test_multi_head_seednorm_rescales_each_chunk_of_alpha_by_its_own_tanh_of_x_dot_beta(heads):
     x = x64(2, 7, D)
     norm = _randomise(SeeDNorm(D, heads=heads).double(), -0.3, 0.3)
-    x_hat = x / _rms(x, 1e-6)  # the RMS is over the whole width, not per head
+    x_hat = x / root_mean_square(x, 1e-6)  # the RMS is over the whole width, not per head
     chunk = D // heads
     expected = torch.empty_like(x)
     for j in range(heads):  # head j: s_j = tanh(<x_j, beta_j>) multiplies only the alpha entries of chunk j
@@ -136,7 +135,7 @@ def test_a_bf16_seednorm_model_runs_like_a_bf16_rmsnorm_model():
     assert model(torch.randint(0, 256, (1, 4))).logits.dtype == torch.bfloat16
 
 
-# ---- §4: DyT ------------------------------------------------------------------------------------------------
+# ---- DyT ------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -168,7 +167,7 @@ def test_dyt_preset_uses_the_llama_recipe_alpha0_08_02_02_no_bias_and_sqrt_d_emb
                                    model.model.embed_tokens(ids) * math.sqrt(cfg.d_model))
 
 
-# ---- §5: BHyT -----------------------------------------------------------------------------------------------
+# ---- BHyT -----------------------------------------------------------------------------------------------
 
 
 def test_bhyt_star_is_gamma_tanh_lambda_x_over_kappa_times_rms():
@@ -268,7 +267,7 @@ def _bhyt_parallel_layer(**overrides):
 
 
 def _reference_bhyt_block(layer, x, ctx, c):
-    """Spec §5 steps 1-5 of the parallel block, with the attention and MLP as black boxes."""
+    """BHyT's parallel block in its five steps, with the attention and MLP as black boxes."""
     attn, mlp = layer.attn, layer.mlp
     kappa = 10.0
     v = x.pow(2).mean(-1, keepdim=True)  # 1. the only exact statistic
@@ -335,7 +334,7 @@ def test_bhyt_parallel_gain_loaded_from_a_state_dict_is_kept():
 
 
 def test_bhyt_approximate_variance_tracks_the_exact_one_at_init():
-    """Spec §15.2: at init, v + c lambda_in^2 / kappa^2 is within about 10% of the exact mean_d((h + a)^2).
+    """At init, v + c lambda_in^2 / kappa^2 is within about 10% of the exact mean_d((h + a)^2).
 
     Measured at tiny size (seed 0, batch 4 x 64 tokens, float64): mean over tokens of approx/exact is
     0.982, 0.981, 0.978, 0.968 for layers 0-3 (per token 0.77-1.06; the low end is the first positions,
@@ -372,7 +371,7 @@ def test_bhyt_star_layer_uses_the_exact_rms_at_both_norms():
         torch.testing.assert_close(layer(x, ctx), h + layer.mlp.fn(bhyt(layer.mlp.norm_in, h), ctx), **TIGHT)
 
 
-# ---- §14: FakeLN / frozen-scale LN ----------------------------------------------------------------------------
+# ---- FakeLN / frozen-scale LN ----------------------------------------------------------------------------
 
 
 def test_frozen_scale_norm_is_gamma_times_centred_x_over_fixed_sigma_plus_beta():

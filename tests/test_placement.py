@@ -1,5 +1,5 @@
-"""Norm placements and depth scaling (spec: shared/spec/methods.md §1-3, §15.1): LNS, Mix-LN, DeepNorm,
-Post-LN, Peri-LN. References are written from the spec's update rules in float64, using each sublayer's own
+"""Norm placements and depth scaling: LNS, Mix-LN, DeepNorm, Post-LN, Peri-LN (docs/variants.md lists each
+paper). References are written from the papers' update rules in float64, using each sublayer's own
 norm and F modules as black boxes."""
 
 import math
@@ -14,6 +14,7 @@ from layerwise.nn.attention import ForwardContext, rope_cos_sin
 from layerwise.nn.initialization import Normal, init_of
 from layerwise.nn.norms import RMSNorm
 from layerwise.nn.placement import DeepNorm, MixLN, layer_layouts
+from layerwise.reference import rms_norm
 
 TIGHT = dict(atol=1e-12, rtol=1e-12)
 EXACT = dict(atol=0, rtol=0)
@@ -41,10 +42,10 @@ def _randomise_norms(model):
 
 
 def _rmsnorm(norm, x):
-    return norm.weight * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
+    return rms_norm(x, norm.weight, norm.eps)
 
 
-# ---- §3: LayerNorm Scaling ----------------------------------------------------------------------------------
+# ---- LayerNorm Scaling ----------------------------------------------------------------------------------
 
 
 def test_lns_scales_both_pre_sublayer_norms_of_layer_i_by_exactly_one_over_sqrt_i_plus_1():
@@ -93,7 +94,7 @@ def test_lns_combined_with_scaled_init_raises_naming_layernorm_scaling():
         ModelConfig.from_preset("pre-rmsnorm", "tiny", layernorm_scaling=True, scaled_init=True)
 
 
-# ---- §2: Mix-LN ---------------------------------------------------------------------------------------------
+# ---- Mix-LN ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("n_layers,ratio,post", [(8, 0.25, 2), (12, 0.25, 3), (24, 0.25, 6), (8, 0.0, 0), (8, 1.0, 8),
@@ -148,7 +149,7 @@ def test_mixln_ratio_outside_zero_one_raises_naming_mixln_ratio(ratio):
         ModelConfig.from_preset("mix-ln", "tiny", mixln_ratio=ratio)
 
 
-# ---- §1: DeepNorm -------------------------------------------------------------------------------------------
+# ---- DeepNorm -------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("n", [1, 6, 12, 24, 32, 100])
@@ -194,7 +195,7 @@ def test_deepnorm_sublayer_computes_norm_of_alpha_x_plus_f_x(n_layers):
             torch.testing.assert_close(sub(x, ctx), _rmsnorm(sub.norm_out, alpha * x + sub.fn(x, ctx)), **TIGHT)
 
 
-# ---- §1: Post-LN and Peri-LN --------------------------------------------------------------------------------
+# ---- Post-LN and Peri-LN --------------------------------------------------------------------------------
 
 
 def test_post_ln_sublayer_computes_norm_of_x_plus_f_x():

@@ -1,16 +1,21 @@
 """Every preset at tiny size: finite forward/backward, causality, learning, and graph-break-free tracing."""
 
+import re
+
 import pytest
 import torch
+from conftest import tiny_model
 
 from layerwise import LayerwiseForCausalLM, ModelConfig
 from layerwise.presets import PRESETS, SIZES, preset_fields
 
 ALL_PRESETS = list(PRESETS)
+# "Method (Surname et al., ...": a method name, then a parenthesis that opens with its authors.
+CITATION = re.compile(r"^[^(]*\w[^(]*\((?:[A-Z][\w-]+)(?: et al\.| Team|, [A-Z])")
 
 
 def _tiny(name, **overrides):
-    return LayerwiseForCausalLM(ModelConfig.from_preset(name, "tiny", **overrides))
+    return tiny_model(name, **overrides).train()  # training mode, as the steps below train
 
 
 @pytest.mark.parametrize("name", ALL_PRESETS)
@@ -81,9 +86,10 @@ def test_value_residual_presets_differ_from_the_baseline_only_in_the_value_resid
         assert {k for k in fields if fields[k] != base.get(k)} == {"preset", "value_residual"}, name
 
 
-def test_every_preset_names_its_paper():
+def test_every_preset_names_its_method_and_the_papers_authors_in_one_line():
     for preset in PRESETS.values():
-        assert "(" in preset.paper and ")" in preset.paper, preset.name
+        assert "\n" not in preset.paper and CITATION.match(preset.paper), (preset.name, preset.paper)
+    assert not CITATION.match("Pre-LN (tiny)") and not CITATION.match("(Xiong et al., ICML 2020)")
 
 
 def test_pre_ln_124m_has_gpt2_small_parameter_count():

@@ -1,4 +1,4 @@
-"""One streaming pass of depth metrics (shared/spec/diagnostics.md §2), memory independent of the token count.
+"""One streaming pass of depth metrics, memory independent of the token count.
 
 Each batch becomes a `DepthTrace` (see `trace.py`: boundary states, sublayer inputs/outputs, logits and a way
 to resume with layers skipped); the metrics are reduced into running sums and the batch is dropped.
@@ -123,7 +123,7 @@ def _geometry(result: DepthDiagnosis, t: DepthTrace, n_span: int, n_tok: int, n_
 
 
 def _logit_lens(result: DepthDiagnosis, t: DepthTrace, view, targets: torch.Tensor, n_tok: int) -> None:
-    # One layer's [B, T, V] logits at a time, reduced at once: never L x B x T x V (pitfall §6.7).
+    # One layer's [B, T, V] logits at a time, reduced at once: L x B x T x V would not fit for a real vocabulary.
     log_final = t.logits.log_softmax(-1)
     top1_final, top5_final = t.logits.argmax(-1), t.logits.topk(5, dim=-1).indices
     kl, top1, top5, loss = [], [], [], []

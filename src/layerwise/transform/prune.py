@@ -1,9 +1,10 @@
 """Physical layer removal: delete decoder layers from a causal LM in place, leaving a normal model.
 
-Deleting `model.layers[i]` is the easy part. What else indexes the layers must follow (diagnostics spec §3.1,
-§6 pitfall 5): each attention module's `layer_idx` picks its KV-cache slot (transformers #30508), the config
-states the depth and per-layer lists (`layer_types`) from which a cache and a reloaded model are built, and a
-saved model should say what was removed. Surviving layers keep their own math: nothing is rebuilt.
+Deleting `model.layers[i]` is the easy part; what else indexes the layers must follow, or the pruned model
+decodes wrongly with its KV cache while its cache-free forward looks right: each attention module's
+`layer_idx` picks its KV-cache slot (transformers #30508), the config states the depth and per-layer lists
+(`layer_types`) from which a cache and a reloaded model are built, and a saved model should say what was
+removed. Surviving layers keep their own math: nothing is rebuilt.
 
 Indices are 0-based positions in the model as given; the config records them as indices of the *original*
 model, so pruning twice accumulates one list.
