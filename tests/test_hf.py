@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 import transformers
+from conftest import tiny_model
 from safetensors import safe_open
 
 import layerwise  # noqa: F401  (registers model_type "layerwise")
@@ -15,7 +16,7 @@ from layerwise.presets import PRESETS
 
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_save_then_auto_from_pretrained_gives_bit_identical_logits(name, tmp_path):
-    model = LayerwiseForCausalLM(ModelConfig.from_preset(name, "tiny")).eval()
+    model = tiny_model(name)
     ids = torch.randint(0, 256, (2, 20))
     with torch.no_grad():
         model(ids)  # BHyT fixes its constant c on the first forward; it must be saved with the weights
@@ -50,7 +51,7 @@ def greedy_by_full_forwards(model, ids, n):
 @pytest.mark.parametrize("name", ["pre-ln", "peri-ln", "bhyt", "attnres", "block-attnres", "delta-attnres",
                                   "delta-block-attnres", "resformer", "satformer", "dyt"])
 def test_cached_generate_equals_greedy_full_forwards(name):
-    model = LayerwiseForCausalLM(ModelConfig.from_preset(name, "tiny")).eval()
+    model = tiny_model(name)
     # Random init gives flat logits; sharpen them so greedy choices are not decided by rounding noise.
     with torch.no_grad():
         model.lm_head.weight.mul_(20)
@@ -61,7 +62,7 @@ def test_cached_generate_equals_greedy_full_forwards(name):
 
 
 def test_chunked_prefill_with_cache_matches_one_full_forward():
-    model = LayerwiseForCausalLM(ModelConfig.from_preset("satformer", "tiny")).eval()
+    model = tiny_model("satformer")
     ids = torch.randint(0, 256, (2, 15))
     with torch.no_grad():
         full = model(ids).logits
@@ -71,7 +72,7 @@ def test_chunked_prefill_with_cache_matches_one_full_forward():
 
 
 def test_left_padded_batch_generates_what_each_prompt_generates_alone():
-    model = LayerwiseForCausalLM(ModelConfig.from_preset("pre-rmsnorm", "tiny")).eval()
+    model = tiny_model("pre-rmsnorm")
     with torch.no_grad():
         model.lm_head.weight.mul_(20)
     short, long = torch.randint(1, 256, (1, 4)), torch.randint(1, 256, (1, 7))

@@ -3,15 +3,14 @@ after an exception) and the final norm's input hook."""
 
 import pytest
 import torch
+from conftest import tiny_model
 
-from layerwise import LayerwiseForCausalLM, ModelConfig
 from layerwise.errors import UserError
 from layerwise.nn.hooks import capture, hook_points
 
 
 def tiny(preset="pre-rmsnorm", **overrides):
-    torch.manual_seed(0)
-    return LayerwiseForCausalLM(ModelConfig.from_preset(preset, "tiny", n_layers=3, **overrides)).eval()
+    return tiny_model(preset, n_layers=3, **overrides)
 
 
 def active_hooks(model) -> int:

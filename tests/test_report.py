@@ -6,9 +6,9 @@ import re
 import pytest
 import torch
 import typer
+from conftest import tiny_model
 from typer.testing import CliRunner
 
-from layerwise import LayerwiseForCausalLM, ModelConfig
 from layerwise.diagnose import diagnose
 from layerwise.report.cli import report_command
 from layerwise.report.diagnosis import LAYER_MEASURES, SPAN_MEASURES, write_report
@@ -18,8 +18,7 @@ IMG = '<img src="data:image/png;base64,'
 
 @pytest.fixture(scope="module")
 def tiny_diagnosis() -> dict:
-    torch.manual_seed(0)
-    model = LayerwiseForCausalLM(ModelConfig.from_preset("pre-rmsnorm", size="tiny")).eval()
+    model = tiny_model()
     return diagnose(model, [torch.randint(0, model.config.vocab_size, (2, 32))], n_span=2).to_json()
 
 
