@@ -26,9 +26,10 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def small(corpus, out, **overrides) -> TrainConfig:
-    base = dict(preset="pre-rmsnorm", size="tiny", data=str(corpus), out=str(out), max_tokens=12 * 4 * 32,
+    model = {"preset": overrides.pop("preset", "pre-rmsnorm"), "size": "tiny", "n_layers": 2}
+    base = dict(model=model, data=str(corpus), out=str(out), max_tokens=12 * 4 * 32,
                 batch_size=4, seq_len=32, lr=3e-3, warmup=2, eval_every=6, eval_batches=2, telemetry_every=6,
-                ckpt_every=6, log_every=1, tensorboard=False, model={"n_layers": 2})
+                ckpt_every=6, log_every=1, tensorboard=False)
     return TrainConfig(**{**base, **overrides})
 
 
@@ -185,6 +186,7 @@ def test_shard_ids_above_the_vocabulary_are_refused_before_any_folder_is_written
     with open(shards / "val.bin", "r+b") as f:  # the first validation token, outside the vocabulary
         f.seek(HEADER_BYTES)
         f.write(np.uint16(5000).tobytes())
+    (shards / "manifest.json").write_text(json.dumps({"vocab_size": 300}))  # a corpus is complete with its manifest
     run = tmp_path / "run"
     with pytest.raises(UserError, match=r"val.bin: token id 5000 >= the vocabulary of 300"):
         train(TrainConfig(data=str(shards), out=str(run), max_tokens=2048, batch_size=4, seq_len=32,

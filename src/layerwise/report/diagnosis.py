@@ -35,7 +35,8 @@ SCALARS = ("loss",)
 CONVENTIONS = ("Layers are numbered from 0: layer l reads the residual stream h_l and writes h_{l+1}; h_0 is the "
                "embedding output and h_L the last layer's output (before the final norm). A span a..b lists its "
                "first and last layer, 0-based and inclusive (mergekit's end-exclusive layer_range for it is "
-               "[a, b+1]).")
+               "[a, b+1]). Under Attention Residuals there is no single stream: h_l is what the final norm would read "
+               "if the network stopped before layer l.")
 
 DESCRIPTIONS = {
     "angular_distance": "How far layer l turns the residual stream: mean over tokens of arccos(cos(h_l, h_{l+1}))/pi, "
@@ -46,7 +47,8 @@ DESCRIPTIONS = {
                                   "span l..l+n-1. Gromov et al. drop the span with the lowest value.",
     "span_angular_distance_all": "The span angular distance arccos(cos(h_l, h_{l+n}))/pi averaged over all tokens "
                                  "rather than the last one.",
-    "hidden_rms": "Root-mean-square size of the residual stream at each boundary h_0..h_L. Steady growth with depth is "
+    "hidden_rms": "Root-mean-square size of the residual stream at each boundary h_0..h_L (per-token RMS, mean over "
+                  "tokens; training telemetry reports the same number under the same name). Steady growth with depth is "
                   "the Pre-LN 'curse of depth': late layers' updates become small relative to the stream.",
     "hidden_var": "Per-token variance of the residual stream over the hidden dimension, at each boundary h_0..h_L.",
     "layer_contribution": "Csordas et al.: ||h_{l+1} - h_l|| / ||h_l||, the size of what layer l adds relative to the "
