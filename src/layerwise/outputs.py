@@ -65,13 +65,14 @@ def write_model_folder(path: str | Path, save: Callable[[Path], object], overwri
     elif path.is_dir():
         path.rmdir()
     staging.rename(path)
-    _fsync_folder(path.parent)
+    fsync_folder(path.parent)
     if old is not None:
         shutil.rmtree(old)
     return path
 
 
-def _fsync_folder(path: Path) -> None:
+def fsync_folder(path: Path) -> None:
+    """Make a rename inside `path` durable (the folder entry itself is flushed)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -1,6 +1,6 @@
 """The data layer: corpus sources, tokenizers, token shards, corpus building and opening data for training."""
 
-import importlib
+from ..lazy import lazy_exports
 
 _EXPORTS = {
     "TokenData": ".build", "build_corpus": ".build", "open_token_data": ".build", "read_shard": ".shards",
@@ -25,11 +25,5 @@ __all__ = [
 ]
 
 
-def __getattr__(name):  # imported on first use: `layerwise --help` must not import torch
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_EXPORTS))
+# Imported on first use: `layerwise --help` must not import torch.
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

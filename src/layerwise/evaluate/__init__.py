@@ -6,7 +6,7 @@ LAMBADA-OpenAI and HellaSwag, scored as lm-evaluation-harness scores them, from 
     results["hellaswag"].metrics["acc_norm"], results["hellaswag"].ci95["acc_norm"]
 """
 
-import importlib
+from ..lazy import lazy_exports
 
 _EXPORTS = {
     "evaluate_hellaswag": ".hellaswag", "hellaswag_items": ".hellaswag", "preprocess": ".hellaswag",
@@ -23,11 +23,5 @@ __all__ = [
 ]
 
 
-def __getattr__(name):  # imported on first use: `layerwise --help` must not import torch
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_EXPORTS))
+# Imported on first use: `layerwise --help` must not import torch.
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

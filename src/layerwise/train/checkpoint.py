@@ -23,20 +23,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..outputs import fsync_folder
 from ..runs import (MANIFEST, PREFIX, CorruptCheckpoint, latest_valid_checkpoint, list_checkpoints, sha256_of,
                     verify_checkpoint)
 
 __all__ = ["CorruptCheckpoint", "latest_valid_checkpoint", "list_checkpoints", "load_checkpoint", "move_aside",
            "save_checkpoint", "verify_checkpoint"]
 CORRUPT = "corrupt"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _full_state_options():
@@ -100,7 +93,7 @@ def save_checkpoint(root: Path, step: int, model, optimizer, trainer_state: dict
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(ckpt_dir)
+    fsync_folder(ckpt_dir)
     _retain(root, final, keep)
     return final
 
