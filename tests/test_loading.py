@@ -3,6 +3,7 @@
 Command-line cases run `python -m layerwise.cli` as a user would and expect exit 2 with no traceback."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -125,8 +126,8 @@ def test_out_that_is_a_file_is_refused_before_loading(tmp_path, command):
 
 def old_run(folder: Path) -> dict[str, bytes]:
     folder.mkdir()
-    for name, content in (("model.safetensors", b"old weights"), ("optimizer.safetensors", b"old optimizer"),
-                          ("MANIFEST.json", b"{}")):
+    for name, content in (("config.json", b"{}"), ("model.safetensors", b"old weights"),
+                          ("optimizer.safetensors", b"old optimizer"), ("MANIFEST.json", b"{}")):
         (folder / name).write_bytes(content)
     return {p.name: p.read_bytes() for p in folder.iterdir()}
 
@@ -145,6 +146,29 @@ def test_prune_overwrite_replaces_the_folder_with_only_the_new_model(models, tmp
     assert not {"optimizer.safetensors", "MANIFEST.json"} & {p.name for p in (tmp_path / "out").iterdir()}
     assert json.loads((tmp_path / "out" / "config.json").read_text())["layerwise_dropped_layers"] == [1]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary or set-aside folder left
+
+
+def test_overwrite_never_replaces_a_folder_that_is_not_a_model(models, tmp_path):
+    """--overwrite deletes the folder it replaces, so it only takes a model folder: a typo such as --out runs
+    (the parent of many runs) or --out ~ must not cost the user anything."""
+    parent = tmp_path / "runs"
+    parent.mkdir()
+    (parent / "notes.txt").write_text("mine")
+    old_run(parent / "run1")
+    before = sorted((p.relative_to(parent), p.read_bytes() if p.is_file() else None) for p in parent.rglob("*"))
+    assert_refused(cli("prune", models / "llama", "--drop", "1", "--out", parent, "--overwrite"),
+                   "replaces only a model folder")
+    assert sorted((p.relative_to(parent), p.read_bytes() if p.is_file() else None) for p in parent.rglob("*")) == before
+
+
+def test_out_that_is_or_holds_the_model_being_read_is_refused_even_with_overwrite(models, tmp_path):
+    source = tmp_path / "models" / "llama"
+    shutil.copytree(models / "llama", source)
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    for out in (source, source.parent):
+        assert_refused(cli("prune", source, "--drop", "1", "--out", out, "--overwrite"),
+                       "is or contains the model being read")
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before
 
 
 def test_a_save_that_fails_midway_leaves_the_old_folder_and_no_temporary_one(models, tmp_path, monkeypatch):

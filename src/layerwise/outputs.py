@@ -28,12 +28,27 @@ def check_output_folder(path: str | Path, option: str = "--out") -> Path:
     return path
 
 
-def check_model_destination(path: str | Path, overwrite: bool, option: str = "--out") -> Path:
-    """Refuse, before loading anything, a destination that `write_model_folder` would refuse."""
+def check_model_destination(path: str | Path, overwrite: bool, option: str = "--out",
+                            source: str | Path | None = None) -> Path:
+    """Refuse, before loading anything, a destination that `write_model_folder` would refuse.
+
+    `overwrite` replaces (and so deletes) only a model folder: one with a config.json that neither is nor holds
+    the model being read. Any other non-empty folder (a parent of many models, a home folder, a package) is
+    refused whatever the flag, so a typo in --out cannot delete what the user never meant to replace."""
     path = check_output_folder(path, option)
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
+    if source is not None:
+        where, src = path.resolve(), Path(source).resolve()
+        if src == where or where in src.parents:
+            raise UserError(f"{option} {path} is or contains the model being read ({source}); write the new model "
+                            "to another folder")
+    if not (path.is_dir() and any(path.iterdir())):
+        return path
+    if not overwrite:
         raise UserError(f"{option} {path}: folder is not empty (another model or run is there); choose a new "
                         "folder, or pass --overwrite to replace it")
+    if not (path / "config.json").is_file():
+        raise UserError(f"{option} {path}: --overwrite replaces only a model folder (one with a config.json), and "
+                        "this folder holds none; choose a new or empty folder")
     return path
 
 

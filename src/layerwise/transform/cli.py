@@ -36,10 +36,7 @@ def prune_command(
         layers = parse_layer_list(drop)
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--drop") from None
-    if Path(model).resolve() == out.resolve():
-        raise typer.BadParameter("must differ from MODEL: the pruned model would overwrite the original",
-                                 param_hint="--out")
-    check_model_destination(out, overwrite)
+    check_model_destination(out, overwrite, source=model)
     with console.status(f"loading {model} ..."):
         net, tokenizer = load_model(model)
     n_before = net.config.num_hidden_layers

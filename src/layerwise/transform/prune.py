@@ -19,7 +19,7 @@ from torch import nn
 from transformers import PreTrainedConfig
 
 from ..arch import depth_view
-from ..outputs import check_model_destination, write_model_folder
+from ..outputs import write_model_folder
 
 DROPPED_LAYERS_KEY = "layerwise_dropped_layers"
 # Config lists with one entry per layer (sliding vs full attention, dense vs MoE MLP); sliced to the survivors.
@@ -175,7 +175,6 @@ def save_pruned(model: nn.Module, tokenizer, out_dir: str | Path, overwrite: boo
     weights are already plain floats (GGUF tensors de-quantized at load), that bookkeeping is dropped from the
     model first, so the saved folder is an ordinary float checkpoint.
     """
-    check_model_destination(out_dir, overwrite)
     if getattr(model, "hf_quantizer", None) is not None:
         _forget_dequantized_gguf(model)
 
