@@ -152,9 +152,12 @@ def test_a_full_disk_leaves_earlier_checkpoints_valid_and_no_temporary_folder(co
     verify_checkpoint(kept)
     assert list((run / "checkpoints").glob(".tmp-*")) == []
     (run / "checkpoints" / ".tmp-step_0000012-1").mkdir()  # left by a crash mid-write
+    (run / "checkpoints" / "notes.txt").write_text("mine")  # the cleaning takes our temporary folders only
+    (run / "analysis").mkdir()
     monkeypatch.setattr(checkpoint_module, "save_file", real_save)
     train(small(corpus, run, resume="auto"))
     assert list((run / "checkpoints").glob(".tmp-*")) == []
+    assert (run / "checkpoints" / "notes.txt").read_text() == "mine" and (run / "analysis").is_dir()
 
 
 def test_compare_refuses_to_reuse_runs_trained_with_other_settings(corpus, tmp_path):
