@@ -3,7 +3,6 @@ the output folder. Importing this module must stay cheap (no torch) so that `lay
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import typer
 

@@ -149,7 +149,7 @@ def load_tokens(data: str | Path | None, tokenizer, n_tokens: int) -> np.ndarray
         tokens, _ = read_shard(data)
         return np.asarray(tokens[:n_tokens])
     if tokenizer is None:
-        raise ValueError("this model has no tokenizer next to it; pass --data as a token shard (.bin)")
+        raise UserError("this model has no tokenizer next to it; pass --data as a token shard (.bin)")
     if data is None:
         text = shakespeare_text()
     else:

@@ -53,6 +53,8 @@ def verify_checkpoint(path: Path) -> dict:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as err:
         raise CorruptCheckpoint(f"{manifest_path}: unreadable ({err})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise CorruptCheckpoint(f"{manifest_path}: no file list (not a manifest a checkpoint write made)")
     for name, expected in manifest["files"].items():
         file = path / name
         if not file.exists():

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from .nn.registry import fail, validate_variants
-
-SATFORMER_GATES = ("relu", "sigmoid", "tanh", "identity")
+from .nn.value_residual import SATFORMER_GATES
 
 
 def validate_config(cfg) -> None:

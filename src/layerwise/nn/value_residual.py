@@ -73,6 +73,7 @@ class ResFormer(ValueResidual):
 
 
 _GATES = {"relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "identity": lambda z: z}
+SATFORMER_GATES = tuple(_GATES)  # the valid values of ModelConfig.value_residual_gate
 
 
 @VALUE_RESIDUALS.register("satformer")

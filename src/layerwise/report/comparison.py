@@ -8,7 +8,6 @@ import statistics
 from pathlib import Path
 
 
-
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 

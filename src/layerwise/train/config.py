@@ -21,8 +21,8 @@ DEFAULT_MODEL = {"preset": "pre-rmsnorm", "size": "tiny"}
 BOOKKEEPING_FIELDS = frozenset({"out", "resume", "overwrite", "log_every", "eval_every", "telemetry_every",
                                 "ckpt_every", "keep_checkpoints", "max_bad_steps", "device", "compile", "fsdp",
                                 "tensorboard", "threads"})
-# Inputs to the model config: the resolved ModelConfig is compared instead (the same model can be named
-# by a preset or by a YAML file).
+# The model mapping: the resolved ModelConfig is compared instead (one model can be named by a preset or by
+# explicit fields).
 MODEL_INPUT_FIELDS = frozenset({"model"})
 
 
@@ -235,9 +235,16 @@ def convert_legacy(data: dict[str, Any]) -> dict[str, Any]:
         model = {"preset": preset or "pre-rmsnorm", "size": fields.pop("size", "tiny" if preset else "124m"),
                  **fields}
     data["model"] = {**model, **(data.get("model") or {})}
-    if "vocab_size" in data:
-        data["tokenizer_vocab_size"] = data.pop("vocab_size")
-    return data
+    return with_current_names(data)
+
+
+# Fields renamed since a train.yaml or a checkpoint's trainer state could have been written.
+RENAMED = {"vocab_size": "tokenizer_vocab_size"}
+
+
+def with_current_names(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` (TrainConfig fields as once saved) with renamed fields under their current names."""
+    return {RENAMED.get(name, name): value for name, value in data.items()}
 
 
 def _scalar(raw: str):

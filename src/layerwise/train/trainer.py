@@ -24,7 +24,7 @@ from ..runs import TOKENIZER
 from . import distributed as dist_infra
 from .checkpoint import (CorruptCheckpoint, latest_valid_checkpoint, list_checkpoints, load_checkpoint, move_aside,
                          save_checkpoint, verify_checkpoint)
-from .config import TrainConfig
+from .config import TrainConfig, with_current_names
 from .metrics import MetricsLog
 from .optim import build_optimizer, lr_at
 from .run_folder import check_out_path, claim_run_folder, clean_temporary_checkpoints
@@ -73,7 +73,8 @@ def build_model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
     preset, size = overrides.pop("preset"), overrides.pop("size")
     overrides.setdefault("vocab_size", 64 * -(-vocab_size // 64))  # padded: faster matmuls
     if overrides["vocab_size"] < vocab_size:
-        raise ValueError(f"model vocab_size={overrides['vocab_size']} is smaller than the data's {vocab_size} tokens")
+        raise UserError(f"TrainConfig.model.vocab_size={overrides['vocab_size']} is smaller than the data's "
+                        f"{vocab_size} tokens; leave it out (the data's vocabulary is used) or raise it")
     overrides.setdefault("max_seq_len", max(cfg.seq_len, 256))
     return ModelConfig.from_preset(preset, size, **overrides)
 
@@ -302,9 +303,7 @@ class Trainer:
         """Resuming (or reusing a finished run in `compare`) continues the checkpoint's run, so every setting
         that changes the result must be the one it was trained with."""
         state = json.loads((checkpoint / "trainer_state.json").read_text())
-        saved_train = dict(state.get("train_config", {}))
-        if "vocab_size" in saved_train:  # checkpoints written before the rename to tokenizer_vocab_size
-            saved_train["tokenizer_vocab_size"] = saved_train.pop("vocab_size")
+        saved_train = with_current_names(state.get("train_config", {}))
         saved_model = ModelConfig.from_json_file(checkpoint / "config.json").to_dict()
         ignored = {"transformers_version", "architectures", "torch_dtype", "dtype", "_name_or_path"}
         defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
