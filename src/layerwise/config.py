@@ -95,6 +95,9 @@ class ModelConfig(PreTrainedConfig):
     # Provenance, written by `layerwise.transform.drop_layers`: the 0-based indices (in the original model) of
     # the layers deleted from this one; None for a model that was never pruned.
     layerwise_dropped_layers: list[int] | None = None
+    # Provenance, written by `layerwise.transform.apply`: the steps applied, in order, and the model they read.
+    layerwise_transforms: list[str] | None = None
+    layerwise_source: str | None = None
 
     def __post_init__(self, **kwargs):
         if kwargs.pop("model_type", self.model_type) != self.model_type:

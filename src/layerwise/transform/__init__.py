@@ -1,13 +1,17 @@
-"""Depth transforms that produce a normal model: physical layer removal (`drop_layers`, `save_pruned`)."""
+"""Depth transforms that produce a normal model: `apply(model, ["drop=12-15", ...])` runs registered steps
+(`layerwise.transform.steps`); `drop_layers` and `save_pruned` are physical layer removal."""
 
 from ..lazy import lazy_exports
 
 _EXPORTS = {
     "DROPPED_LAYERS_KEY": ".prune", "drop_layers": ".prune", "original_layer_indices": ".prune",
     "parse_layer_list": ".prune", "save_pruned": ".prune",
+    "apply": ".steps", "parse_steps": ".steps", "registered_steps": ".steps", "Step": ".steps",
+    "register_step": ".steps",
 }
 
-__all__ = ["DROPPED_LAYERS_KEY", "drop_layers", "original_layer_indices", "parse_layer_list", "save_pruned"]
+__all__ = ["DROPPED_LAYERS_KEY", "Step", "apply", "drop_layers", "original_layer_indices", "parse_layer_list",
+           "parse_steps", "register_step", "registered_steps", "save_pruned"]
 
 
 # Imported on first use: `layerwise --help` must not import torch.

@@ -20,6 +20,7 @@ from transformers import PreTrainedConfig
 
 from ..arch import depth_view
 from ..outputs import write_model_folder
+from .steps import Step, register_step
 
 DROPPED_LAYERS_KEY = "layerwise_dropped_layers"
 # Config lists with one entry per layer (sliding vs full attention, dense vs MoE MLP); sliced to the survivors.
@@ -196,3 +197,28 @@ def _forget_dequantized_gguf(model: nn.Module) -> None:
         raise ValueError(f"the GGUF model still holds packed weights ({', '.join(packed[:3])}, ...); load it "
                          "de-quantized (on CPU, or with GgufConfig(dequantize=True)) before saving it as floats")
     model.hf_quantizer.remove_quantization_config(model)
+
+
+@register_step("drop")
+class DropLayers(Step):
+    """Delete layers (the step behind `layerwise prune --drop`)."""
+
+    argument = "required"
+    argument_help = 'layers to delete, 0-based, ranges inclusive: "12-15,20"'
+    summary = "delete decoder layers; the survivors are renumbered and keep their own math"
+
+    def parse(self, value):
+        try:
+            self.layers = parse_layer_list(value)
+        except ValueError as err:
+            self.refuse(str(err))
+
+    def check(self, model):
+        try:
+            _check_prunable(model)
+            _validated_indices(self.layers, len(depth_view(model).layers))
+        except ValueError as err:
+            self.refuse(str(err))
+
+    def apply(self, model):
+        return drop_layers(model, self.layers)
