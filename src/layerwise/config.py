@@ -50,6 +50,7 @@ class ModelConfig(PreTrainedConfig):
     n_layers: int = 12
     n_heads: int = 12
     n_kv_heads: int | None = None  # None: equal to n_heads (no GQA)
+    head_dim: int | None = None  # None: d_model // n_heads (Qwen3 and CRMSNorm models set it apart from d_model)
     d_ff: int | None = None  # None: 4 d for gelu, the LLaMA 8/3 d rounded up to 64 for swiglu
     max_seq_len: int = 1024
     mlp: str = "swiglu"  # swiglu | gelu
@@ -95,6 +96,11 @@ class ModelConfig(PreTrainedConfig):
     # Provenance, written by `layerwise.transform.drop_layers`: the 0-based indices (in the original model) of
     # the layers deleted from this one; None for a model that was never pruned.
     layerwise_dropped_layers: list[int] | None = None
+    # Layer programs (`layerwise.transform`, step `layers=`): for each execution position, the stored layer it
+    # runs (None: position i runs stored layer i), and the index in the original model of the layer each
+    # position runs (None: never reshaped). n_layers counts execution positions.
+    layer_order: list[int] | None = None
+    layer_origin: list[int] | None = None
     # Provenance, written by `layerwise.transform.apply`: the steps applied, in order, and the model they read.
     layerwise_transforms: list[str] | None = None
     layerwise_source: str | None = None
@@ -109,6 +115,8 @@ class ModelConfig(PreTrainedConfig):
             )
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        if self.head_dim is None and isinstance(self.d_model, int) and isinstance(self.n_heads, int) and self.n_heads:
+            self.head_dim = self.d_model // self.n_heads if self.d_model % self.n_heads == 0 else None
         if self.d_ff is None:
             self.d_ff = default_d_ff(self.d_model, self.mlp)
         super().__post_init__(**kwargs)

@@ -112,7 +112,7 @@ class LayerwiseModel(LayerwisePreTrainedModel):
                 position_ids = torch.arange(past, past + T, device=h.device)[None]
         mask, is_causal = attention_mask_for(attention_mask, past, T, h.device)
         ctx = ForwardContext(
-            rope=rope_cos_sin(position_ids, self.config.d_model // self.config.n_heads, self.config.rope_theta),
+            rope=rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta),
             attn_mask=mask, is_causal=is_causal, cache=past_key_values, value_residual=self.value_residual,
         )
         if self.embedding_multiplier is not None:

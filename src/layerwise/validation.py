@@ -22,10 +22,12 @@ def validate_config(cfg) -> None:
         if not getattr(cfg, field) > 0:
             fail(field, getattr(cfg, field), "must be > 0")
 
-    if cfg.d_model % cfg.n_heads:
-        fail("d_model", cfg.d_model, f"is not divisible by n_heads={cfg.n_heads}")
-    if (cfg.d_model // cfg.n_heads) % 2:
-        fail("n_heads", cfg.n_heads, f"gives an odd head_dim {cfg.d_model // cfg.n_heads}; RoPE needs an even one")
+    if cfg.head_dim is None:
+        fail("d_model", cfg.d_model, f"is not divisible by n_heads={cfg.n_heads}; set head_dim to use other widths")
+    if not isinstance(cfg.head_dim, int) or isinstance(cfg.head_dim, bool) or cfg.head_dim < 2:
+        fail("head_dim", cfg.head_dim, "must be an integer of at least 2")
+    if cfg.head_dim % 2:
+        fail("head_dim", cfg.head_dim, "is odd; RoPE needs an even head_dim (choose n_heads or head_dim so it is)")
     if cfg.n_heads % cfg.n_kv_heads:
         fail("n_kv_heads", cfg.n_kv_heads, f"must divide n_heads={cfg.n_heads} (grouped-query attention)")
 
