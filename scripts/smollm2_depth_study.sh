@@ -36,7 +36,7 @@ done_or "$OUT/full/eval.json" $LW eval "$GGUF" --tasks hellaswag,lambada --limit
 for drop in "$LAYER" "$SPAN"; do
   echo "$(stamp) without layers $drop: HellaSwag and LAMBADA x $PRUNED_LIMIT"
   done_or "$OUT/drop-$drop/eval.json" \
-    $LW eval "$GGUF" --drop-layers "$drop" --tasks hellaswag,lambada --limit "$PRUNED_LIMIT" --out "$OUT/drop-$drop"
+    $LW eval "$GGUF" --apply "drop=$drop" --tasks hellaswag,lambada --limit "$PRUNED_LIMIT" --out "$OUT/drop-$drop"
 done
 echo "$(stamp) full model: HellaSwag x $FULL_LIMIT (the check against the published score)"
 done_or "$OUT/full-hellaswag/eval.json" $LW eval "$GGUF" --tasks hellaswag --limit "$FULL_LIMIT" --out "$OUT/full-hellaswag"

@@ -235,12 +235,12 @@ def test_eval_command_writes_eval_json(model_folder, tokenizer, tmp_path):
 def test_eval_command_drops_layers_before_scoring(model_folder, tmp_path):
     pytest.importorskip("layerwise.transform")
     runs = {}
-    for name, extra in (("full", []), ("pruned", ["--drop-layers", "1-2"])):
+    for name, extra in (("full", []), ("pruned", ["--apply", "drop=1-2"])):
         result = CliRunner().invoke(cli_app(), ["eval", str(model_folder), "--tasks", "lambada", "--limit", "2",
                                                 "--out", str(tmp_path / name), *extra])
         assert result.exit_code == 0, result.output + repr(result.exception)
         runs[name] = json.loads((tmp_path / name / "eval.json").read_text())
-    assert runs["pruned"]["drop_layers"] == [1, 2]
+    assert runs["pruned"]["apply"] == ["drop=1-2"]
     assert runs["pruned"]["tasks"]["lambada"]["metrics"] != runs["full"]["tasks"]["lambada"]["metrics"]
 
 

