@@ -108,3 +108,14 @@ def test_diagnose_applies_steps_in_memory(tmp_path):
     assert report["apply"] == ["drop=0-1"] and report["n_layers"] == 2
     assert model.config.num_hidden_layers == 4 and json.loads((source / "config.json").read_text())[
         "num_hidden_layers"] == 4  # in memory only: the folder on disk is untouched
+
+
+def test_transform_without_steps_saves_the_model_as_it_loads(tmp_path):
+    source, out = tmp_path / "tiny", tmp_path / "out"
+    model = hf_model("qwen2")
+    model.save_pretrained(source)
+    result = runner.invoke(app, ["transform", str(source), "--out", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "no steps: saved as loaded" in result.output
+    ids = torch.randint(0, model.config.vocab_size, (1, 9))
+    assert torch.equal(_logits(transformers.AutoModelForCausalLM.from_pretrained(out), ids), _logits(model, ids))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -53,8 +54,9 @@ def prune_command(
 
 def transform_command(
     model: str = MODEL,
-    steps: list[str] = typer.Option(..., "--apply", metavar="STEP",
-                                    help="A step to run; repeat for several, run in order."),
+    steps: Optional[list[str]] = typer.Option(None, "--apply", metavar="STEP",
+                                              help="A step to run; repeat for several, run in order. None: the "
+                                                   "model is saved as it loads (e.g. a GGUF as safetensors)."),
     out: Path = out_option(..., "the transformed model (safetensors), its tokenizer and a model card"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it holds another model (the new "
                                                              "model is written whole first)."),
@@ -86,7 +88,7 @@ def transform_command(
     from .save import save_transformed
     from .steps import apply, parse_steps
 
-    parsed = parse_steps(steps)  # a typo fails before the model is read
+    parsed = parse_steps(steps or [])  # a typo fails before the model is read
     check_model_destination(out, overwrite, source=model)
     with console.status(f"loading {model} ..."):
         net, tokenizer = load_model(model)
@@ -95,6 +97,7 @@ def transform_command(
         net = apply(net, parsed, source=model)
     with console.status(f"saving to {out} ..."):
         save_transformed(net, tokenizer, out, overwrite)
-    console.print(f"applied {', '.join(map(str, parsed))}: {n_before} -> {net.config.num_hidden_layers} layers")
+    done = f"applied {', '.join(map(str, parsed))}" if parsed else "no steps: saved as loaded"
+    console.print(f"{done}: {n_before} -> {net.config.num_hidden_layers} layers")
     console.print(f"outputs: {out} (load with AutoModelForCausalLM.from_pretrained; README.md says how it was made)")
 
