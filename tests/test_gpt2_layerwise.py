@@ -149,3 +149,12 @@ def test_learned_positions_are_drawn_like_the_embedding_and_allow_an_odd_head_di
         ModelConfig(d_model=36, n_heads=4)
     with pytest.warns(UserWarning, match="rope_theta"):
         ModelConfig(rope_theta=5e5, position_embedding="learned")
+
+
+def test_learned_positions_are_not_weight_decayed_like_the_token_embedding():
+    from layerwise.train.optim import param_groups
+
+    model = tiny_model("pre-ln", position_embedding="learned")
+    decayed, kept = param_groups(model, weight_decay=0.1)
+    table = model.model.position_embedding.weight
+    assert any(p is table for p in kept["params"]) and not any(p is table for p in decayed["params"])

@@ -104,8 +104,8 @@ def layerwise_config_to_gpt2(config: ModelConfig, token_ids: dict[str, int | Non
 def _layer_keys(i: int) -> list[tuple[str, str]]:
     """(GPT-2 key, layerwise key) of layer i's norms, which need no reshaping."""
     g, lw = f"transformer.h.{i}.", f"model.layers.{i}."
-    return [(f"{g}ln_1.{p}", f"{lw}attn.norm_in.{p}") for p in ("weight", "bias")] + \
-           [(f"{g}ln_2.{p}", f"{lw}mlp.norm_in.{p}") for p in ("weight", "bias")]
+    return [(f"{g}{norm}.{p}", f"{lw}{sublayer}.norm_in.{p}")
+            for norm, sublayer in (("ln_1", "attn"), ("ln_2", "mlp")) for p in ("weight", "bias")]
 
 
 # GPT-2 Conv1D (in, out) -> layerwise nn.Linear (out, in), by their paths inside layer i.
