@@ -21,7 +21,7 @@ from layerwise import LayerwiseForCausalLM, ModelConfig
     (dict(norm_placement="middle"), "norm_placement", "valid: deepnorm, mixln, peri, post, pre"),
     (dict(residual="hyper"), "residual", "valid: block_attnres, delta_attnres"),
     (dict(value_residual="x"), "value_residual", "valid: none, resformer, satformer"),
-    (dict(mlp="relu"), "mlp", "valid: gelu, swiglu"),
+    (dict(mlp="relu"), "mlp", "valid: gelu, gelu_tanh, swiglu"),
     (dict(residual="full_attnres", norm_placement="post"), "residual", "needs an additive placement"),
     (dict(layernorm_scaling=True, norm_placement="post"), "layernorm_scaling", "use pre, peri or mixln"),
     (dict(layernorm_scaling=True, scaled_init=True), "layernorm_scaling", "scaled_init"),

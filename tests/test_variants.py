@@ -38,6 +38,9 @@ FLAGS = {
     ("value_residual", "satformer"): (True, False, False),
     ("mlp", "swiglu"): (False, True, True),
     ("mlp", "gelu"): (False, True, True),
+    ("mlp", "gelu_tanh"): (False, True, True),
+    ("position_embedding", "rope"): (False, True, True),
+    ("position_embedding", "learned"): (False, True, True),
 }
 
 

@@ -53,9 +53,10 @@ class ModelConfig(PreTrainedConfig):
     head_dim: int | None = None  # None: d_model // n_heads (Qwen3 and CRMSNorm models set it apart from d_model)
     d_ff: int | None = None  # None: 4 d for gelu, the LLaMA 8/3 d rounded up to 64 for swiglu
     max_seq_len: int = 1024
-    mlp: str = "swiglu"  # swiglu | gelu
+    mlp: str = "swiglu"  # swiglu | gelu | gelu_tanh
     bias: bool = False  # biases in attention and MLP projections
     qk_norm: bool = False  # RMSNorm over head_dim on queries and keys
+    position_embedding: str = "rope"  # rope | learned (GPT-2's absolute table added to the token embedding)
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = True
     embedding_scale: bool = False  # a learnable scalar times the embedding, init sqrt(d) (DyT's LLaMA recipe)

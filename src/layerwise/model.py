@@ -17,11 +17,12 @@ from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .config import ModelConfig
-from .nn.attention import ForwardContext, rope_cos_sin
+from .nn.attention import ForwardContext
 from .nn.block import build_layer
 from .nn.hooks import HookPoint
 from .nn.initialization import attach_init, init_weights
 from .nn.norms import build_norm
+from .nn.positions import build_position_embedding
 from .nn.residual import build_residual
 from .nn.value_residual import build_value_residual
 
@@ -66,6 +67,7 @@ class LayerwiseModel(LayerwisePreTrainedModel):
     def __init__(self, config: ModelConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.position_embedding = build_position_embedding(config)  # RoPE (no parameters) or GPT-2's table
         # DyT's LLaMA recipe: a learnable scalar on the embedding output, init sqrt(d).
         self.embedding_multiplier = (
             nn.Parameter(torch.full((1,), math.sqrt(config.d_model))) if config.embedding_scale else None
@@ -94,8 +96,8 @@ class LayerwiseModel(LayerwisePreTrainedModel):
 
     def embed(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
               inputs_embeds=None, use_cache=None) -> tuple[torch.Tensor, ForwardContext]:
-        """(what the first layer receives, the context every sublayer shares): token embedding with its
-        optional scale and norm, positions, mask and cache. Diagnostics run the layers from here themselves."""
+        """(what the first layer receives, the context every sublayer shares): token embedding (plus learned
+        position embeddings) with its optional scale and norm, positions, mask and cache. Diagnostics run the layers from here themselves."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -111,9 +113,9 @@ class LayerwiseModel(LayerwisePreTrainedModel):
             else:
                 position_ids = torch.arange(past, past + T, device=h.device)[None]
         mask, is_causal = attention_mask_for(attention_mask, past, T, h.device)
+        h, rope = self.position_embedding(h, position_ids)
         ctx = ForwardContext(
-            rope=rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta),
-            attn_mask=mask, is_causal=is_causal, cache=past_key_values, value_residual=self.value_residual,
+            rope=rope, attn_mask=mask, is_causal=is_causal, cache=past_key_values, value_residual=self.value_residual,
         )
         if self.embedding_multiplier is not None:
             h = h * self.embedding_multiplier

@@ -11,6 +11,7 @@ def validate_config(cfg) -> None:
     from .nn.mlp import MLPS
     from .nn.norms import NORMS
     from .nn.placement import PLACEMENTS
+    from .nn.positions import POSITION_EMBEDDINGS
     from .nn.residual import RESIDUALS
     from .nn.value_residual import VALUE_RESIDUALS
 
@@ -26,8 +27,6 @@ def validate_config(cfg) -> None:
         fail("d_model", cfg.d_model, f"is not divisible by n_heads={cfg.n_heads}; set head_dim to use other widths")
     if not isinstance(cfg.head_dim, int) or isinstance(cfg.head_dim, bool) or cfg.head_dim < 2:
         fail("head_dim", cfg.head_dim, "must be an integer of at least 2")
-    if cfg.head_dim % 2:
-        fail("head_dim", cfg.head_dim, "is odd; RoPE needs an even head_dim (choose n_heads or head_dim so it is)")
     if cfg.n_heads % cfg.n_kv_heads:
         fail("n_kv_heads", cfg.n_kv_heads, f"must divide n_heads={cfg.n_heads} (grouped-query attention)")
 
@@ -37,6 +36,7 @@ def validate_config(cfg) -> None:
     PLACEMENTS.get(cfg.norm_placement)
     RESIDUALS.get(cfg.residual)
     VALUE_RESIDUALS.get(cfg.value_residual)
+    POSITION_EMBEDDINGS.get(cfg.position_embedding)
 
     # A value outside its field's domain is a mistake even where no selected variant reads the field.
     if not 0.0 <= cfg.mixln_ratio <= 1.0:

@@ -17,7 +17,7 @@ from .norms import RMSNorm
 class ForwardContext:
     """What every sublayer of one forward pass shares: positions, mask, cache and layer 0's values."""
 
-    rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin: [B or 1, T, head_dim]
+    rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin: [B or 1, T, head_dim]; None: no RoPE
     attn_mask: torch.Tensor | None = None  # bool [B or 1, 1, T, T_total], True = attend; None = use is_causal
     is_causal: bool = True
     cache: Any = None  # a transformers Cache, or None
@@ -77,10 +77,9 @@ class CausalSelfAttention(nn.Module):
             v = ctx.value_residual(self.layer_idx, v, x, ctx)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = ctx.rope
-        q = apply_rope(q.transpose(1, 2), cos, sin)
-        k = apply_rope(k.transpose(1, 2), cos, sin)
-        v = v.transpose(1, 2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if ctx.rope is not None:
+            q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
         if ctx.cache is not None:
             k, v = ctx.cache.update(k, v, self.layer_idx)
         q, k = self.hook_q(q), self.hook_k(k)

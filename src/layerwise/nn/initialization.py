@@ -19,6 +19,7 @@ from .attention import CausalSelfAttention
 from .block import BHyTParallelLayer
 from .mlp import MLP
 from .norms import BHyT, DyT, FrozenScaleNorm, Norm, SeeDNorm
+from .positions import LearnedPositions
 from .registry import variant_of
 from .residual import DepthAttention
 from .value_residual import ResFormer, SATFormer
@@ -72,6 +73,7 @@ def parameter_groups(model: nn.Module) -> list[InitGroup]:
     projections += [p for m in mlps for p in (*m.input_projections(), m.output_projection())]
     groups = [
         InitGroup("token embedding", [(base.embed_tokens, "weight")], Normal(cfg.init_std)),
+        InitGroup("position embedding", [(p, "weight") for p in of(LearnedPositions)], Normal(cfg.init_std)),
         InitGroup("query and key projections", [(p, "weight") for a in attns for p in (a.q_proj, a.k_proj)],
                   Normal(cfg.init_std)),
         InitGroup("value projections", [(a.v_proj, "weight") for a in attns], Normal(cfg.init_std / divisor)),

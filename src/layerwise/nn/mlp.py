@@ -60,5 +60,14 @@ class GeluMLP(MLP):
         return self.proj(F.gelu(self.fc(x)))
 
 
+@MLPS.register("gelu_tanh")
+class GeluTanhMLP(GeluMLP):
+    """GELU MLP with GELU's tanh approximation (GPT-2's `gelu_new`; Hendrycks & Gimpel, 2016):
+    proj(gelu_tanh(fc(x))). The released GPT-2 weights were trained with it, so loading them needs it."""
+
+    def forward(self, x, ctx=None):
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
 def build_mlp(cfg) -> nn.Module:
     return MLPS.get(cfg.mlp)(cfg.d_model, cfg.d_ff, bias=cfg.bias)

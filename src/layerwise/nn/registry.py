@@ -95,12 +95,12 @@ class Registry(Generic[T]):
 # config field -> its registry, filled as the variant modules are imported.
 REGISTRIES: dict[str, Registry] = {}
 # The order in which variants validate a config: placement rules before the schemes and norms that rely on them.
-VALIDATION_ORDER = ("norm_placement", "residual", "value_residual", "mlp", "norm")
+VALIDATION_ORDER = ("norm_placement", "residual", "value_residual", "mlp", "norm", "position_embedding")
 
 
 def _registries() -> dict[str, Registry]:
     # The variant modules register on import; import them here so a lookup never sees a partial table.
-    from . import mlp, norms, placement, residual, value_residual  # noqa: F401
+    from . import mlp, norms, placement, positions, residual, value_residual  # noqa: F401
 
     return REGISTRIES
 

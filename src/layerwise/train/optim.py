@@ -11,7 +11,7 @@ from torch import nn
 def no_decay(name: str, param: torch.Tensor) -> bool:
     """Norm gains, biases, scalars, embeddings and AttnRes pseudo-queries are not decayed by default:
     decaying them pulls gains toward 0 and queries toward uniform routing, which is not regularisation."""
-    return param.ndim < 2 or "embed_tokens" in name or name.endswith(".query")
+    return param.ndim < 2 or "embed_tokens" in name or "position_embedding" in name or name.endswith(".query")
 
 
 def declared_decayed(model: nn.Module) -> set[int]:
