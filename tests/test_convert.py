@@ -104,6 +104,27 @@ def test_a_sliding_window_shorter_than_the_positions_caps_max_seq_len_with_a_war
         logits(converted, IDS[:, :17])
 
 
+def test_qwen2_sliding_layers_cap_max_seq_len_and_full_layers_alone_do_not():
+    hf = perturbed(hf_model("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=2))
+    assert "sliding_attention" in hf.config.layer_types
+    with pytest.warns(UserWarning, match="16-token attention window"):
+        converted = hf_to_layerwise(hf)
+    assert converted.config.max_seq_len == 16
+    assert torch.equal(logits(converted, IDS[:, :16]), logits(hf, IDS[:, :16]))
+    unused = hf_model("qwen2", use_sliding_window=False, sliding_window=16)  # every layer full: no cap
+    assert hf_to_layerwise(unused).config.max_seq_len == 64
+
+
+def test_llama_with_biases_everywhere_converts_to_bias_and_back():
+    hf = perturbed(hf_model("llama", attention_bias=True, mlp_bias=True))
+    converted = hf_to_layerwise(hf)
+    assert converted.config.bias and not converted.config.qkv_bias
+    assert torch.equal(logits(converted, IDS), logits(hf, IDS))
+    back = layerwise_to_hf(converted)
+    assert back.config.attention_bias and back.config.mlp_bias
+    assert torch.equal(logits(back, IDS), logits(hf, IDS))
+
+
 def test_steps_record_the_family_and_the_history_and_to_hf_defaults_to_it():
     hf = perturbed(hf_model("mistral"))
     converted = apply(hf, ["to-layerwise"], source="some/folder")
@@ -160,6 +181,7 @@ def test_gpt2_dispatches_to_its_adapter_or_says_it_is_missing():
     (dict(residual="block_attnres"), "to-hf", "residual='block_attnres'"),
     (dict(qk_norm=True), "to-hf=llama", "qk_norm=True as llama"),
     (dict(), "to-hf=qwen2", "qkv_bias=False as qwen2"),
+    (dict(bias=True, qk_norm=True), "to-hf=qwen3", "bias=True as qwen3"),
     (dict(qkv_bias=True), "to-hf=mistral", "qkv_bias=True as mistral"),
     (dict(layer_order=[0, 1, 1]), "to-hf", "layer_order=.0, 1, 1. as llama"),
 ])
