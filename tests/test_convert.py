@@ -51,6 +51,20 @@ def test_converted_family_in_float64_differs_only_by_hf_norms_float32_rounding(f
     assert relative(logits(converted, IDS), logits(hf, IDS)) < 1e-6
 
 
+def _rms_norm_in_input_dtype(self, x):
+    """HF's RMSNorm with its statistics in the input's dtype when that is float64, as layerwise computes them."""
+    return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+@pytest.mark.parametrize("family", LLAMA_FAMILIES)
+def test_converted_family_in_float64_is_exact_once_hf_norms_keep_float64(family, monkeypatch):
+    # Pins that the float32 rounding in HF's norms is the whole float64 difference.
+    hf = perturbed(hf_model(family)).double()
+    for norm_class in {type(m) for m in hf.modules() if type(m).__name__.endswith("RMSNorm")}:
+        monkeypatch.setattr(norm_class, "forward", _rms_norm_in_input_dtype)
+    assert relative(logits(hf_to_layerwise(hf), IDS), logits(hf, IDS)) < 1e-10
+
+
 @pytest.mark.parametrize("family", LLAMA_FAMILIES)
 def test_round_trip_to_hf_restores_the_family_and_a_bit_identical_state_dict(family):
     hf = perturbed(hf_model(family))
@@ -123,6 +137,15 @@ def test_llama_with_biases_everywhere_converts_to_bias_and_back():
     back = layerwise_to_hf(converted)
     assert back.config.attention_bias and back.config.mlp_bias
     assert torch.equal(logits(back, IDS), logits(hf, IDS))
+
+
+def test_a_pruned_model_converts_keeping_its_dropped_layers():
+    hf = apply(perturbed(hf_model("llama")), ["drop=1"])
+    converted = apply(hf, ["to-layerwise"])
+    assert converted.config.n_layers == 3 and converted.config.layerwise_dropped_layers == [1]
+    assert converted.config.layerwise_transforms == ["drop=1", "to-layerwise"]
+    assert torch.equal(logits(converted, IDS), logits(hf, IDS))
+    assert apply(converted, ["to-hf"]).config.layerwise_dropped_layers == [1]
 
 
 def test_steps_record_the_family_and_the_history_and_to_hf_defaults_to_it():

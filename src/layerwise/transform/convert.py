@@ -24,7 +24,8 @@ class ToLayerwise(Step):
     fields the family lacks (new tensors at their init; the function then changes, and a warning says so)."""
 
     argument = "optional"
-    argument_help = 'layerwise fields to set for continued training, e.g. "layernorm_scaling=true,residual=block_attnres"'
+    argument_help = ("layerwise fields to set for continued training, "
+                     'e.g. "layernorm_scaling=true,residual=block_attnres"')
     summary = (f"convert a {', '.join(_FAMILIES)} model to a layerwise model with the same logits; "
                "with FIELD=VALUE,... start layerwise variants from its weights")
 
@@ -33,7 +34,7 @@ class ToLayerwise(Step):
         for item in (value.split(",") if value else []):
             field, eq, text = item.partition("=")
             if not eq or not field.strip() or not text.strip():
-                self.refuse(f"{item!r} is not FIELD=VALUE; e.g. to-layerwise=layernorm_scaling=true,residual=block_attnres")
+                self.refuse(f"{item!r} is not FIELD=VALUE ({self.argument_help})")
             self.overrides[field.strip()] = yaml.safe_load(text.strip())
 
     def check(self, model):
