@@ -159,7 +159,7 @@ def test_steps_record_the_family_and_the_history_and_to_hf_defaults_to_it():
     assert torch.equal(logits(back, IDS), logits(hf, IDS))
 
 
-def test_a_native_layerwise_model_writes_as_llama_by_default():
+def test_a_native_layerwise_model_writes_as_llama_that_saves_and_reloads(tmp_path):
     from conftest import tiny_model
 
     model = perturbed(tiny_model("pre-rmsnorm"))
@@ -167,6 +167,10 @@ def test_a_native_layerwise_model_writes_as_llama_by_default():
     assert type(llama) is transformers.LlamaForCausalLM
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
     assert torch.equal(logits(llama, ids), logits(model, ids))
+    llama.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is transformers.LlamaForCausalLM and loaded.config.layerwise_transforms == ["to-hf"]
+    assert torch.equal(logits(loaded, ids), logits(model, ids))
 
 
 # ---- refusals name the reason -------------------------------------------------------------------------------
