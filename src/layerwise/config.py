@@ -55,6 +55,7 @@ class ModelConfig(PreTrainedConfig):
     max_seq_len: int = 1024
     mlp: str = "swiglu"  # swiglu | gelu | gelu_tanh
     bias: bool = False  # biases in attention and MLP projections
+    qkv_bias: bool = False  # biases in the query, key and value projections only (Qwen2)
     qk_norm: bool = False  # RMSNorm over head_dim on queries and keys
     position_embedding: str = "rope"  # rope | learned (GPT-2's absolute table added to the token embedding)
     rope_theta: float = 10000.0
@@ -105,6 +106,8 @@ class ModelConfig(PreTrainedConfig):
     # Provenance, written by `layerwise.transform.apply`: the steps applied, in order, and the model they read.
     layerwise_transforms: list[str] | None = None
     layerwise_source: str | None = None
+    # The Hugging Face family (model_type) a `to-layerwise` conversion read, which `to-hf` writes back by default.
+    layerwise_hf_family: str | None = None
 
     def __post_init__(self, **kwargs):
         if kwargs.pop("model_type", self.model_type) != self.model_type:
