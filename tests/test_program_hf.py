@@ -254,3 +254,11 @@ def test_empty_program_is_refused_before_the_model_changes():
 def test_gpt2_with_attention_scaled_by_layer_index_is_refused():
     with pytest.raises(UserError, match="scale_attn_by_inverse_layer_idx=True: layer i scales its attention"):
         apply(hf_model("gpt2", scale_attn_by_inverse_layer_idx=True), ["layers=0,1,1,2,3"])
+
+
+def test_layerwise_drop_writes_layer_origin_and_reads_an_old_dropped_layers_config():
+    model = conftest.tiny_model("pre-rmsnorm", layerwise_dropped_layers=[1])  # 4 layers left of an original 5
+    assert original_layer_indices(model.config) == [0, 2, 3, 4]
+    drop_layers(model, [0])
+    assert model.config.layer_origin == [2, 3, 4] and model.config.layerwise_dropped_layers is None
+    assert model.config.n_layers == 3
