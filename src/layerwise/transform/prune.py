@@ -115,8 +115,8 @@ def save_transformed(model: nn.Module, tokenizer, out_dir: str | Path, overwrite
 def _forget_dequantized_gguf(model: nn.Module) -> None:
     method = getattr(getattr(model.config, "quantization_config", None), "quant_method", None)
     if str(getattr(method, "value", method)) != "gguf":
-        raise ValueError(f"cannot save a model quantized with {method}: save_transformed writes float checkpoints only, "
-                         "and only GGUF models loaded as floats can be converted")
+        raise ValueError(f"cannot save a model quantized with {method}: save_transformed writes float checkpoints "
+                         "only, and only GGUF models loaded as floats can be converted")
     # Where a GGUF kernel exists (GPU), transformers keeps weights packed as uint8 blocks instead of floats.
     packed = [name for name, weight in model.named_parameters() if not weight.is_floating_point()]
     if packed:
