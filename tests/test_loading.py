@@ -144,7 +144,7 @@ def test_prune_overwrite_replaces_the_folder_with_only_the_new_model(models, tmp
     proc = cli("prune", models / "llama", "--drop", "1", "--out", tmp_path / "out", "--overwrite")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert not {"optimizer.safetensors", "MANIFEST.json"} & {p.name for p in (tmp_path / "out").iterdir()}
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["layerwise_dropped_layers"] == [1]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["layer_origin"] == [0, 2]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary or set-aside folder left
 
 

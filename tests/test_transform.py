@@ -86,11 +86,11 @@ def test_pruned_model_round_trips_through_save_and_load(family, tmp_path):
     pruned = drop_layers(hf_model(family), DROP)
     save_pruned(pruned, None, tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["layerwise_dropped_layers"] == DROP
+    assert saved["layer_origin"] == [1, 2] and "layerwise_dropped_layers" not in saved
     assert saved["n_layer" if family == "gpt2" else "num_hidden_layers"] == 2
     assert list(tmp_path.glob("*.safetensors"))
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert loaded.config.num_hidden_layers == 2 and loaded.config.layerwise_dropped_layers == DROP
+    assert loaded.config.num_hidden_layers == 2 and loaded.config.layer_origin == [1, 2]
     ids = torch.randint(1, 128, (2, 12))
     assert torch.equal(logits(loaded, ids), logits(pruned, ids))
 
@@ -122,7 +122,7 @@ def test_pruning_twice_records_indices_of_the_original_model():
     model = drop_layers(hf_model("llama"), [1])  # original 0, 2, 3 remain
     assert original_layer_indices(model.config) == [0, 2, 3]
     drop_layers(model, [1])  # position 1 is original layer 2
-    assert model.config.layerwise_dropped_layers == [1, 2] and original_layer_indices(model.config) == [0, 3]
+    assert model.config.layer_origin == [0, 3] == original_layer_indices(model.config)
 
 
 @pytest.mark.parametrize("layers, message", [
@@ -152,7 +152,7 @@ LAYERWISE_DROP = [1, 3]  # layer 0 stays: LNS keeps 1/sqrt(3) for original layer
 @pytest.mark.parametrize("preset", ["pre-rmsnorm", "lns", "mix-ln", "deepnorm", "bhyt"])
 def test_layerwise_pruned_model_keeps_each_surviving_layers_own_math(preset):
     pruned = assert_prunes_like_skipping(tiny_model(preset), LAYERWISE_DROP, vocab=256)
-    assert pruned.config.n_layers == 2 and pruned.config.layerwise_dropped_layers == LAYERWISE_DROP
+    assert pruned.config.n_layers == 2 and pruned.config.layer_origin == [0, 2]
     assert_cached_greedy_matches_full_forwards(pruned, vocab=256)
 
 
@@ -161,7 +161,7 @@ def test_layerwise_pruned_model_round_trips_through_save_and_load(tmp_path):
     save_pruned(pruned, None, tmp_path)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert isinstance(loaded, LayerwiseForCausalLM)
-    assert loaded.config.n_layers == 2 and loaded.config.layerwise_dropped_layers == LAYERWISE_DROP
+    assert loaded.config.n_layers == 2 and loaded.config.layer_origin == [0, 2]
     ids = torch.randint(1, 256, (2, 12))
     assert torch.equal(logits(loaded, ids), logits(pruned, ids))
 
@@ -170,7 +170,7 @@ def test_layerwise_pruned_model_round_trips_through_save_and_load(tmp_path):
 def test_layerwise_depth_dependent_pruned_model_refuses_to_save(preset, field, tmp_path):
     # Reloading would rebuild the survivors with their new indices (LNS 1/sqrt(i+1), DeepNorm's alpha from L).
     pruned = drop_layers(tiny_model(preset), LAYERWISE_DROP)
-    with pytest.raises(ValueError, match=f"layerwise_dropped_layers=.* {field}="):
+    with pytest.raises(ValueError, match=rf"layer_origin=\[0, 2\] .* {field}="):
         pruned.save_pretrained(tmp_path)
 
 
@@ -204,7 +204,7 @@ def test_prune_command_writes_a_loadable_model_and_says_what_it_removed(tmp_path
     assert result.exit_code == 0, result.output
     assert "removed layers 1, 2 (0-based) of 4; 2 remain" in result.output and str(out) in result.output
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
-    assert loaded.config.num_hidden_layers == 2 and loaded.config.layerwise_dropped_layers == [1, 2]
+    assert loaded.config.num_hidden_layers == 2 and loaded.config.layer_origin == [0, 3]
     bad = runner.invoke(app, [str(source), "--drop", "3-1", "--out", str(out)])
     assert bad.exit_code == 2 and "runs backwards" in bad.output
     help_text = runner.invoke(app, ["--help"]).output
@@ -224,7 +224,8 @@ def test_smollm2_pruned_and_saved_reloads_with_identical_logits(tmp_path):
     drop_layers(model, parse_layer_list("14,20-23"))
     save_pruned(model, tokenizer, tmp_path)
     loaded, loaded_tokenizer = load_model(tmp_path)
-    assert loaded.config.num_hidden_layers == 25 and loaded.config.layerwise_dropped_layers == [14, 20, 21, 22, 23]
+    assert loaded.config.num_hidden_layers == 25
+    assert loaded.config.layer_origin == [i for i in range(30) if i not in (14, 20, 21, 22, 23)]
     assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
     ids = loaded_tokenizer("The capital of France is", return_tensors="pt").input_ids
     assert torch.equal(ids, tokenizer("The capital of France is", return_tensors="pt").input_ids)

@@ -95,8 +95,8 @@ class ModelConfig(PreTrainedConfig):
     value_residual_gate: str = "relu"  # satformer gate: relu | sigmoid | tanh | identity
     value_residual_last_k: int | None = None  # only the last k layers read layer 0's values
 
-    # Provenance, written by `layerwise.transform.drop_layers`: the 0-based indices (in the original model) of
-    # the layers deleted from this one; None for a model that was never pruned.
+    # Provenance written by `layerwise.transform.drop_layers` before `layer_origin` replaced it: the 0-based
+    # indices (in the original model) of the layers deleted from this one; still read from old configs.
     layerwise_dropped_layers: list[int] | None = None
     # Layer programs (`layerwise.transform`, step `layers=`): for each execution position, the stored layer it
     # runs (None: position i runs stored layer i), and the index in the original model of the layer each
@@ -131,7 +131,8 @@ class ModelConfig(PreTrainedConfig):
         from .validation import validate_config
 
         validate_config(self)
-        if self.layerwise_dropped_layers:
+        if self.layerwise_dropped_layers or (self.layer_origin is not None
+                                             and list(self.layer_origin) != list(range(len(self.layer_origin)))):
             _check_rebuildable_after_pruning(self)
 
     # ---- construction helpers -------------------------------------------------------------------------------
@@ -174,11 +175,13 @@ def _check_rebuildable_after_pruning(cfg: ModelConfig) -> None:
     such a checkpoint is never written or read silently wrong."""
     from .nn.registry import selected_variants
 
+    reshaped = (f"layer_origin={cfg.layer_origin}" if cfg.layer_origin is not None
+                else f"layerwise_dropped_layers={cfg.layerwise_dropped_layers}")
     for variant in selected_variants(cfg):
         if variant.depth_dependent:
             field = variant.selector_field
             raise UserError(
-                f"ModelConfig.layerwise_dropped_layers={cfg.layerwise_dropped_layers} cannot be combined with "
+                f"ModelConfig.{reshaped} cannot be combined with "
                 f"{field}={getattr(cfg, field)!r}: it {variant.depth_dependence}, and a pruned model is rebuilt "
                 "with its surviving layers renumbered; use the pruned model in memory, or prune a model without "
                 "depth-dependent layers"

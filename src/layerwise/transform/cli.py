@@ -24,14 +24,14 @@ def prune_command(
     """Delete decoder layers and save a normal model: it loads with from_pretrained and generates with a cache.
 
     Layer indices count from 0 (layer 0 is the first decoder layer after the embedding) and a range a-b includes
-    both a and b, unlike mergekit's end-exclusive layer_range. The saved config.json lists the deleted layers
-    under layerwise_dropped_layers.
+    both a and b, unlike mergekit's end-exclusive layer_range. The saved config.json lists, under layer_origin,
+    the original index of each layer that remains.
 
     Example: layerwise prune path/to/SmolLM2-135M-Instruct.Q4_1.gguf --drop 14,20-23 --out runs/smollm2-25l
     """
     from ..loading import load_model
     from ..outputs import check_model_destination
-    from .prune import DROPPED_LAYERS_KEY, drop_layers, parse_layer_list, save_pruned
+    from .prune import drop_layers, original_layer_indices, parse_layer_list, save_transformed
 
     try:
         layers = parse_layer_list(drop)
@@ -41,14 +41,15 @@ def prune_command(
     with console.status(f"loading {model} ..."):
         net, tokenizer = load_model(model)
     n_before = net.config.num_hidden_layers
+    reshaped_before = original_layer_indices(net.config) != list(range(n_before))
     drop_layers(net, layers)
     with console.status(f"saving to {out} ..."):
-        save_pruned(net, tokenizer, out, overwrite)
+        save_transformed(net, tokenizer, out, overwrite)
     console.print(f"removed layers {', '.join(map(str, layers))} (0-based) of {n_before}; "
                   f"{net.config.num_hidden_layers} remain")
-    dropped = getattr(net.config, DROPPED_LAYERS_KEY)
-    if dropped != layers:  # the input was already pruned: say what is gone relative to the original
-        console.print(f"layers removed from the original model so far: {', '.join(map(str, dropped))}")
+    if reshaped_before:  # the input was already transformed: say what it runs relative to the original
+        console.print("layers of the original model it runs now: "
+                      f"{', '.join(map(str, original_layer_indices(net.config)))}")
     console.print(f"outputs: {out} (load with AutoModelForCausalLM.from_pretrained)")
 
 
