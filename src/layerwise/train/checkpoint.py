@@ -149,12 +149,24 @@ def move_aside(path: Path, why: Exception) -> Path:
     return target
 
 
+def _fill_tied(model, weights: dict) -> None:
+    """save_pretrained writes one of each group of tied tensors (e.g. the head tied to the embedding, under
+    any family's names); the model's state dict names them all."""
+    names_of: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        names_of.setdefault(id(tensor), []).append(name)
+    for names in names_of.values():
+        present = next((n for n in names if n in weights), None)
+        if present is not None:
+            for name in names:
+                weights.setdefault(name, weights[present])
+
+
 def load_checkpoint(path: Path, model, optimizer) -> dict:
     """Restore model, optimizer and RNG from a verified checkpoint; returns the trainer state."""
     verify_checkpoint(path)
     weights = load_file(path / "model.safetensors")
-    if model.config.tie_word_embeddings:
-        weights.setdefault("lm_head.weight", weights["model.embed_tokens.weight"])
+    _fill_tied(model, weights)
     expected = set(model.state_dict())
     if set(weights) != expected:
         raise CorruptCheckpoint(f"{path}: weights do not match the model (missing {sorted(expected - set(weights))}, "
