@@ -31,6 +31,15 @@ def save_llama(folder: Path, tokenizer_file: Path, seed: int = 0, **overrides) -
     return folder
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Width-32 matmuls gain nothing from a second thread, and on a loaded machine lose 20x to it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def llama_dir(corpus, tmp_path_factory) -> Path:
     return save_llama(tmp_path_factory.mktemp("llama") / "model", corpus / "tokenizer.json")
@@ -117,14 +126,23 @@ def test_an_interrupted_hf_run_resumed_equals_the_uninterrupted_one_bit_for_bit(
 
 
 def test_a_tied_head_survives_the_checkpoint_round_trip(corpus, text_file, tmp_path):
-    """save_pretrained writes a tied head once; the resume must tie it back under the family's own names."""
-    tied = save_llama(tmp_path / "tied", corpus / "tokenizer.json", tie_word_embeddings=True)
+    """save_pretrained writes GPT-2's tied head once (as transformer.wte); the resume must tie it back under
+    the family's own names."""
+    torch.manual_seed(0)
+    tied = tmp_path / "gpt2"
+    cfg = transformers.GPT2Config(vocab_size=512, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tied)
+    transformers.PreTrainedTokenizerFast(tokenizer_file=str(corpus / "tokenizer.json")).save_pretrained(tied)
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     train(heal(tied, reference, data=str(text_file)))
     train(heal(tied, resumed, data=str(text_file)))
     shutil.rmtree(list_checkpoints(resumed)[-1])
     train(heal(tied, resumed, data=str(text_file), resume="auto"))
     assert losses(resumed, "train_loss") == losses(reference, "train_loss")
+    healed = transformers.AutoModelForCausalLM.from_pretrained(list_checkpoints(resumed)[-1])
+    assert healed.lm_head.weight is healed.transformer.wte.weight
+    telemetry = [r["telemetry"] for r in records(resumed) if "telemetry" in r][-1]
+    assert len(telemetry["grad_norm_layers"]) == 2  # GPT-2's layers found by its adapter
 
 
 def test_a_layerwise_run_folder_continues_from_its_last_checkpoint(corpus, tmp_path):
