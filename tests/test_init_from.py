@@ -196,3 +196,31 @@ def test_a_resume_refuses_another_model_at_the_init_path(corpus, text_file, tmp_
     save_llama(model, corpus / "tokenizer.json", seed=1)  # other weights, same path
     with pytest.raises(UserError, match="init_from: .* in the checkpoint, .* now"):
         train(heal(model, run, data=str(text_file), max_tokens=8 * 8 * 32, ckpt_every=4, resume="auto"))
+
+
+def test_lora_needs_init_from():
+    with pytest.raises(UserError, match="TrainConfig.lora_rank=4 needs init_from"):
+        TrainConfig(lora_rank=4)
+
+
+def test_lora_heals_only_the_linears_and_saves_them_merged_and_resumes_bit_for_bit(llama_dir, text_file, tmp_path):
+    pytest.importorskip("peft")
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    train(heal(llama_dir, reference, data=str(text_file), lora_rank=4, lr=1e-2))
+    vals = losses(reference, "val_loss")
+    assert vals[16] < vals[0], vals
+    base = load_file(llama_dir / "model.safetensors")
+    saved = load_file(list_checkpoints(reference)[-1] / "model.safetensors")
+    assert saved.keys() == base.keys()  # a plain Llama: the adapters are merged in, no peft names
+    changed = {k for k in base if not torch.equal(base[k], saved[k])}
+    linears = {k for k in base if k.endswith("proj.weight")}
+    assert changed == linears  # embeddings, norms and the head stay as loaded
+    healed = transformers.AutoModelForCausalLM.from_pretrained(list_checkpoints(reference)[-1])
+    assert type(healed) is transformers.LlamaForCausalLM
+
+    train(heal(llama_dir, resumed, data=str(text_file), lora_rank=4, lr=1e-2))
+    shutil.rmtree(list_checkpoints(resumed)[-1])
+    train(heal(llama_dir, resumed, data=str(text_file), lora_rank=4, lr=1e-2, resume="auto"))
+    assert losses(resumed, "train_loss") == losses(reference, "train_loss")
+    final = [load_file(list_checkpoints(run)[-1] / "model.safetensors") for run in (reference, resumed)]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])

@@ -94,6 +94,9 @@ def train_command(
     init_from: Optional[str] = typer.Option(None, "--init-from", help="Continue training this model (HF folder, "
                                             ".gguf file, layerwise run or checkpoint) instead of a new one; text "
                                             "data is tokenized with its tokenizer. Not with --preset/--size/model:."),
+    lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="With --init-from: train rank-R LoRA "
+                                            "adapters (the lora extra) instead of all weights; checkpoints hold "
+                                            "them merged."),
     data: Optional[str] = _DATA, max_tokens: Optional[str] = _MAX_TOKENS,
     out: Optional[str] = typer.Option(None, help="Run folder (metrics.jsonl, tensorboard/, checkpoints/)."),
     batch_size: Optional[int] = _BATCH, seq_len: Optional[int] = _SEQ, lr: Optional[float] = _LR,
@@ -112,8 +115,8 @@ def train_command(
     Healing: layerwise train --init-from pruned/ --max-tokens 1M --lr 1e-4 --out runs/heal
     Multi-GPU: torchrun --standalone --nproc_per_node=8 -m layerwise.cli train --preset lns --size 124m ...
     """
-    cfg = _train_config(config, dict(init_from=init_from, data=data, max_tokens=max_tokens, out=out,
-                                     batch_size=batch_size, seq_len=seq_len, lr=lr, schedule=schedule,
+    cfg = _train_config(config, dict(init_from=init_from, lora_rank=lora_rank, data=data, max_tokens=max_tokens,
+                                     out=out, batch_size=batch_size, seq_len=seq_len, lr=lr, schedule=schedule,
                                      compile=compile, resume=resume, seed=seed, overwrite=overwrite or None),
                         dict(preset=preset, size=size), sets)
     if dry_run:

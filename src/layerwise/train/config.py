@@ -45,6 +45,7 @@ class TrainConfig:
     # Continue training this model (an HF folder, a .gguf file, a layerwise run or checkpoint) instead of a new
     # one from `model`; the data is then tokenized with its tokenizer.
     init_from: str | None = None
+    lora_rank: int = 0  # with init_from: train LoRA adapters of this rank (peft) instead of all weights; 0 = all
     # Data: a built corpus folder, llm.c shards, a text file/folder or a datasets folder; None = Shakespeare.
     data: str | None = None
     tokenizer_vocab_size: int = 4096  # BPE vocabulary when layerwise builds the default corpus (not the model's)
@@ -130,6 +131,10 @@ class TrainConfig:
                      "telemetry_every", "ckpt_every", "keep_checkpoints", "max_bad_steps", "tokenizer_vocab_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 fail(name, "must be a positive integer")
+        if self.lora_rank < 0:
+            fail("lora_rank", "must be >= 0 (0 trains all weights)")
+        if self.lora_rank and self.init_from is None:
+            fail("lora_rank", "needs init_from: LoRA adapts a trained model (pass --init-from MODEL)")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             fail("micro_batch_size", "must be a positive integer or None")
         if self.threads < 0:

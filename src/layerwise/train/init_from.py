@@ -94,5 +94,16 @@ def check_vocabulary(init: InitModel, data_vocab: int | None = None, data: str =
                         f"embedding has {rows} rows; pass data tokenized for this model")
 
 
+def with_lora(model: nn.Module, rank: int) -> nn.Module:
+    """`model` with rank-`rank` LoRA adapters (alpha = rank, so the update is B A unscaled) on every linear
+    but the head; only the adapters train. Checkpoints merge them into the weights (see checkpoint.py)."""
+    try:
+        import peft
+    except ImportError:
+        raise UserError("TrainConfig.lora_rank needs peft; run `pip install 'layerwise[lora]'`") from None
+    config = peft.LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules="all-linear")
+    return peft.get_peft_model(model, config)
+
+
 def write_record(run_dir: Path, init: InitModel) -> None:
     (run_dir / "init_from.json").write_text(json.dumps(init.fingerprint, indent=1))

@@ -26,7 +26,7 @@ from . import distributed as dist_infra
 from .checkpoint import (CorruptCheckpoint, latest_valid_checkpoint, list_checkpoints, load_checkpoint, move_aside,
                          save_checkpoint, verify_checkpoint)
 from .config import TrainConfig, with_current_names
-from .init_from import InitModel, check_vocabulary, open_init_model, same_model, write_record
+from .init_from import InitModel, check_vocabulary, open_init_model, same_model, with_lora, write_record
 from .metrics import MetricsLog
 from .optim import build_optimizer, lr_at
 from .run_folder import check_out_path, claim_run_folder, clean_temporary_checkpoints
@@ -166,8 +166,12 @@ class Trainer:
         model = (self.init.model if self.init is not None else LayerwiseForCausalLM(model_cfg)).to(rt.device)
         n_params = sum(p.numel() for p in model.parameters())
         # Depth telemetry beyond per-layer gradient norms needs layerwise hook points.
+        self.observed = model
         self.telemetry_layers = _has_known_layers(model)
         self.hooked = isinstance(model, LayerwiseForCausalLM)
+        if cfg.lora_rank:
+            model = with_lora(model, cfg.lora_rank)
+            self.hooked = False  # the adapted linears are peft's, not the modules the hook points sit on
         # FSDP2 shards parameters in place, so the optimizer is built after wrapping.
         wrapped = dist_infra.wrap(model, rt, cfg.fsdp)
         optimizer = build_optimizer(model, cfg, rt.device)
@@ -248,7 +252,7 @@ class Trainer:
                 consecutive_bad = 0
                 telemetry = None
                 if self.telemetry_layers and ((step + 1) % cfg.telemetry_every == 0 or step + 1 == total):
-                    telemetry = {"grad_norm_layers": layer_grad_norms(wrapped)}
+                    telemetry = {"grad_norm_layers": layer_grad_norms(self.observed)}
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if (step + 1) % refresh_every == 0:  # after the update, like the callback's on_step_end
