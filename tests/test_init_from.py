@@ -224,3 +224,15 @@ def test_lora_heals_only_the_linears_and_saves_them_merged_and_resumes_bit_for_b
     assert losses(resumed, "train_loss") == losses(reference, "train_loss")
     final = [load_file(list_checkpoints(run)[-1] / "model.safetensors") for run in (reference, resumed)]
     assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+
+
+def test_the_cli_heals_and_its_dry_run_shows_the_loaded_model(llama_dir, text_file, tmp_path):
+    runner = CliRunner()
+    dry = runner.invoke(app, ["train", "--init-from", str(llama_dir), "--dry-run"])
+    assert dry.exit_code == 0, dry.output + repr(dry.exception)
+    assert "model_type: llama" in dry.output and "init_from:" in dry.output
+    result = runner.invoke(app, ["train", "--init-from", str(llama_dir), "--data", str(text_file), "--out",
+                                 str(tmp_path / "run"), "--max-tokens", "512", "--batch-size", "8", "--seq-len", "32",
+                                 "--set", "eval_batches=1", "--set", "tensorboard=false"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert [r["step"] for r in records(tmp_path / "run") if "val_loss" in r] == [0, 2]
