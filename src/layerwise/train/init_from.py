@@ -51,8 +51,16 @@ def fingerprint(path: Path) -> dict:
             "sha256": {f.name: sha256_of(f) for f in files}}
 
 
-def same_model(a: dict, b: dict) -> bool:
-    return a.get("sha256") == b.get("sha256")
+def same_model(a: dict | None, b: dict | None) -> bool:
+    """Whether two fingerprints (None: a model trained from scratch) name the same model."""
+    return (a or {}).get("sha256") == (b or {}).get("sha256")
+
+
+def described(record: dict | None) -> str:
+    if record is None:
+        return "a new model"
+    files = ", ".join(f"{name} {digest[:12]}" for name, digest in record["sha256"].items())
+    return f"{record['path']} ({files})"
 
 
 def open_init_model(path: str | Path) -> InitModel:

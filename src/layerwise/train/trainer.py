@@ -26,7 +26,8 @@ from . import distributed as dist_infra
 from .checkpoint import (CorruptCheckpoint, latest_valid_checkpoint, list_checkpoints, load_checkpoint, move_aside,
                          save_checkpoint, verify_checkpoint)
 from .config import TrainConfig, with_current_names
-from .init_from import InitModel, check_vocabulary, open_init_model, same_model, with_lora, write_record
+from .init_from import (InitModel, check_vocabulary, described, open_init_model, same_model, with_lora,
+                        write_record)
 from .metrics import MetricsLog
 from .optim import build_optimizer, lr_at
 from .run_folder import check_out_path, claim_run_folder, clean_temporary_checkpoints
@@ -368,10 +369,8 @@ class Trainer:
                    for k in sorted((set(saved_model) | set(now_model)) - ignored)
                    if saved_model.get(k) != now_model.get(k)]
         saved_init, now_init = state.get("init_from"), self.init and self.init.fingerprint
-        if (saved_init is None) != (now_init is None) or (now_init is not None and not same_model(saved_init, now_init)):
-            def named(record):
-                return "a new model" if record is None else f"{record['path']} (files {record['sha256']})"
-            differ.append(f"init_from: {named(saved_init)} in the checkpoint, {named(now_init)} now")
+        if not same_model(saved_init, now_init):
+            differ.append(f"init_from: {described(saved_init)} in the checkpoint, {described(now_init)} now")
         if differ:
             raise UserError(f"{checkpoint} was trained with other settings ({'; '.join(differ)}); continuing it "
                             "would mix two runs. Use its settings, or a new --out (train --overwrite moves the old "
