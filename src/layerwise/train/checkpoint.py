@@ -2,6 +2,7 @@
 
 A checkpoint is a folder `checkpoints/step_XXXXXXX/` holding
   model.safetensors + config.json   the model, loadable by AutoModelForCausalLM.from_pretrained
+  adapter.safetensors               LoRA runs only: the adapters, which model.safetensors holds merged in
   optimizer.safetensors             AdamW moments and step counts, keyed by parameter name
   rng.safetensors                   torch RNG states
   trainer_state.json                step, tokens, counters, optimizer hyperparameters, the train config
@@ -13,6 +14,7 @@ Corrupt checkpoints are never deleted and never counted as kept: they move to `c
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import os
@@ -30,6 +32,8 @@ from ..runs import (MANIFEST, PREFIX, CorruptCheckpoint, latest_valid_checkpoint
 __all__ = ["CorruptCheckpoint", "latest_valid_checkpoint", "list_checkpoints", "load_checkpoint", "move_aside",
            "save_checkpoint", "verify_checkpoint"]
 CORRUPT = "corrupt"
+ADAPTER = "adapter.safetensors"
+LORA_MARK = ".lora_"  # in the name of every LoRA adapter tensor peft adds
 
 
 def _full_state_options():
@@ -56,9 +60,11 @@ def gather_state(model, optimizer) -> tuple[dict, dict, list]:
 
 
 def restore_state(model, optimizer, weights: dict, tensors: dict, groups: list) -> None:
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
-    set_model_state_dict(model, weights, options=_full_state_options())
+    # A LoRA model restores its adapters alone: its frozen base is the init model, loaded and verified anew.
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                 strict=not is_lora(model)))
     state: dict[str, dict] = {}
     for key, value in tensors.items():
         name, field = key.rsplit("/", 1)
@@ -103,6 +109,12 @@ def _write_files(tmp: Path, step: int, model, weights, opt_tensors, groups, trai
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a bar per checkpoint would drown the training progress
+    if is_lora(model):
+        # The saved model is the healed model users load: the base with the adapters merged in. The adapters
+        # themselves are kept apart, for a resume.
+        save_file({k: v.contiguous() for k, v in weights.items() if LORA_MARK in k}, tmp / ADAPTER)
+        model = copy.deepcopy(model).merge_and_unload()
+        weights = model.state_dict()
     model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
     save_file({k: v.contiguous() for k, v in opt_tensors.items()}, tmp / "optimizer.safetensors")
     rng = {"cpu": torch.get_rng_state()}
@@ -149,13 +161,33 @@ def move_aside(path: Path, why: Exception) -> Path:
     return target
 
 
+def is_lora(model) -> bool:
+    return hasattr(model, "merge_and_unload")  # a peft model
+
+
+def _fill_tied(model, weights: dict) -> None:
+    """save_pretrained writes one of each group of tied tensors (e.g. the head tied to the embedding, under
+    any family's names); the model's state dict names them all."""
+    names_of: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        names_of.setdefault(id(tensor), []).append(name)
+    for names in names_of.values():
+        present = next((n for n in names if n in weights), None)
+        if present is not None:
+            for name in names:
+                weights.setdefault(name, weights[present])
+
+
 def load_checkpoint(path: Path, model, optimizer) -> dict:
     """Restore model, optimizer and RNG from a verified checkpoint; returns the trainer state."""
     verify_checkpoint(path)
-    weights = load_file(path / "model.safetensors")
-    if model.config.tie_word_embeddings:
-        weights.setdefault("lm_head.weight", weights["model.embed_tokens.weight"])
-    expected = set(model.state_dict())
+    if is_lora(model):
+        weights = load_file(path / ADAPTER)
+        expected = {name for name in model.state_dict() if LORA_MARK in name}
+    else:
+        weights = load_file(path / "model.safetensors")
+        _fill_tied(model, weights)
+        expected = set(model.state_dict())
     if set(weights) != expected:
         raise CorruptCheckpoint(f"{path}: weights do not match the model (missing {sorted(expected - set(weights))}, "
                                 f"unexpected {sorted(set(weights) - expected)})")

@@ -90,7 +90,14 @@ def _train_config(config: Path | None, fields: dict, model: dict, sets: list[str
 def train_command(
     config: Optional[Path] = _CONFIG,
     preset: Optional[str] = typer.Option(None, help="Preset to train (model.preset; `layerwise presets`)."),
-    size: Optional[str] = _SIZE, data: Optional[str] = _DATA, max_tokens: Optional[str] = _MAX_TOKENS,
+    size: Optional[str] = _SIZE,
+    init_from: Optional[str] = typer.Option(None, "--init-from", help="Continue training this model (HF folder, "
+                                            ".gguf file, layerwise run or checkpoint) instead of a new one; text "
+                                            "data is tokenized with its tokenizer. Not with --preset/--size/model:."),
+    lora_rank: Optional[int] = typer.Option(None, "--lora-rank", help="With --init-from: train rank-R LoRA "
+                                            "adapters (the lora extra) instead of all weights; checkpoints hold "
+                                            "them merged."),
+    data: Optional[str] = _DATA, max_tokens: Optional[str] = _MAX_TOKENS,
     out: Optional[str] = typer.Option(None, help="Run folder (metrics.jsonl, tensorboard/, checkpoints/)."),
     batch_size: Optional[int] = _BATCH, seq_len: Optional[int] = _SEQ, lr: Optional[float] = _LR,
     schedule: Optional[str] = _SCHEDULE, compile: Optional[bool] = _COMPILE,
@@ -105,11 +112,13 @@ def train_command(
     """Pretrain one model with per-layer depth telemetry; resumable; runs under torchrun for DDP.
 
     Example: layerwise train --preset lns --size tiny --max-tokens 2M --out runs/lns
+    Healing: layerwise train --init-from pruned/ --max-tokens 1M --lr 1e-4 --out runs/heal
     Multi-GPU: torchrun --standalone --nproc_per_node=8 -m layerwise.cli train --preset lns --size 124m ...
     """
-    cfg = _train_config(config, dict(data=data, max_tokens=max_tokens, out=out, batch_size=batch_size,
-                                     seq_len=seq_len, lr=lr, schedule=schedule, compile=compile, resume=resume,
-                                     seed=seed, overwrite=overwrite or None), dict(preset=preset, size=size), sets)
+    cfg = _train_config(config, dict(init_from=init_from, lora_rank=lora_rank, data=data, max_tokens=max_tokens,
+                                     out=out, batch_size=batch_size, seq_len=seq_len, lr=lr, schedule=schedule,
+                                     compile=compile, resume=resume, seed=seed, overwrite=overwrite or None),
+                        dict(preset=preset, size=size), sets)
     if dry_run:
         print(resolved_yaml(cfg), end="")
         return
@@ -126,6 +135,12 @@ def resolved_yaml(cfg) -> str:
     from ..config import field_names
     from .trainer import build_model_config, open_data
 
+    if cfg.init_from is not None:  # the model is loaded as it is; the data is read by the run
+        from .init_from import open_init_model
+
+        model = open_init_model(cfg.init_from).model
+        return yaml.safe_dump({"train": cfg.to_dict(), "model_config": model.config.to_diff_dict(),
+                               "parameters": sum(p.numel() for p in model.parameters())}, sort_keys=False)
     model_cfg = build_model_config(cfg, open_data(cfg, Console(stderr=True)).vocab_size)  # stdout is the YAML
     model = {name: getattr(model_cfg, name) for name in field_names()}
     return yaml.safe_dump({"train": cfg.to_dict(), "model_config": model,

@@ -21,9 +21,10 @@ DEFAULT_MODEL = {"preset": "pre-rmsnorm", "size": "tiny"}
 BOOKKEEPING_FIELDS = frozenset({"out", "resume", "overwrite", "log_every", "eval_every", "telemetry_every",
                                 "ckpt_every", "keep_checkpoints", "max_bad_steps", "device", "compile", "fsdp",
                                 "tensorboard", "threads"})
-# The model mapping: the resolved ModelConfig is compared instead (one model can be named by a preset or by
-# explicit fields).
-MODEL_INPUT_FIELDS = frozenset({"model"})
+# How the model is named: the resolved model config is compared instead (one model can be named by a preset or
+# by explicit fields), and an init_from model by the content fingerprint of its files (it can move or be
+# named by a relative path).
+MODEL_INPUT_FIELDS = frozenset({"model", "init_from"})
 
 
 def parse_count(value: int | float | str) -> int:
@@ -39,8 +40,12 @@ def parse_count(value: int | float | str) -> int:
 
 @dataclass
 class TrainConfig:
-    # Model: `preset` at `size`, then any ModelConfig fields on top (the only place a model is given).
-    model: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_MODEL))
+    # Model: `preset` at `size`, then any ModelConfig fields on top; or, instead, `init_from`.
+    model: dict[str, Any] = field(default_factory=dict)
+    # Continue training this model (an HF folder, a .gguf file, a layerwise run or checkpoint) instead of a new
+    # one from `model`; the data is then tokenized with its tokenizer.
+    init_from: str | None = None
+    lora_rank: int = 0  # with init_from: train LoRA adapters of this rank (peft) instead of all weights; 0 = all
     # Data: a built corpus folder, llm.c shards, a text file/folder or a datasets folder; None = Shakespeare.
     data: str | None = None
     tokenizer_vocab_size: int = 4096  # BPE vocabulary when layerwise builds the default corpus (not the model's)
@@ -82,7 +87,11 @@ class TrainConfig:
     threads: int = 0  # CPU threads for torch; 0 = torch's default
 
     def __post_init__(self):
-        self.model = model_mapping(self.model)
+        if self.init_from is None:
+            self.model = model_mapping(self.model)
+        elif self.model:
+            raise UserError(f"TrainConfig.model={self.model!r} cannot be combined with init_from={self.init_from!r} "
+                            "(the model comes from init_from); remove model: (and --preset, --size, --set model.*)")
         if isinstance(self.max_tokens, (str, int, float)) and not isinstance(self.max_tokens, bool):
             self.max_tokens = parse_count(self.max_tokens)
         hints = typing.get_type_hints(type(self))
@@ -122,6 +131,10 @@ class TrainConfig:
                      "telemetry_every", "ckpt_every", "keep_checkpoints", "max_bad_steps", "tokenizer_vocab_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 fail(name, "must be a positive integer")
+        if self.lora_rank < 0:
+            fail("lora_rank", "must be >= 0 (0 trains all weights)")
+        if self.lora_rank and self.init_from is None:
+            fail("lora_rank", "needs init_from: LoRA adapts a trained model (pass --init-from MODEL)")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             fail("micro_batch_size", "must be a positive integer or None")
         if self.threads < 0:

@@ -10,7 +10,9 @@ training step itself carries no hooks (and stays compilable). The names and defi
   routed_input_rms[l]             AttnRes: RMS of what layer l's attention sublayer reads
   depth_weights[name]             AttnRes: mean depth-attention weight per source, for every mixer
   grad_norm_layers[l]             L2 norm of all gradients of layer l's parameters (from the training step)
-All but the last are means over the batch's tokens.
+All but the last are means over the batch's tokens. A Hugging Face model (`train --init-from`) has no hook
+points: it reports grad_norm_layers alone (its layers found by `layerwise.arch.depth_view`), and nothing for
+a family the adapters do not know.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..arch import depth_view
 from ..depth_metrics import contribution, token_norm, token_rms, token_var
 from ..nn.hooks import capture, hook_points, unwrap
 
 
 def layer_grad_norms(model: nn.Module) -> list[float]:
-    layers = unwrap(model).model.layers
+    layers = depth_view(unwrap(model)).layers
     norms = []
     for layer in layers:
         squares = [p.grad.detach().float().pow(2).sum() for p in layer.parameters() if p.grad is not None]

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import shutil
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -20,11 +21,13 @@ from ..config import ModelConfig
 from ..errors import UserError
 from ..model import LayerwiseForCausalLM
 from ..nn.block import refresh_attention_gains
-from ..runs import TOKENIZER
+from ..runs import TOKENIZER, sha256_of
 from . import distributed as dist_infra
 from .checkpoint import (CorruptCheckpoint, latest_valid_checkpoint, list_checkpoints, load_checkpoint, move_aside,
                          save_checkpoint, verify_checkpoint)
 from .config import TrainConfig, with_current_names
+from .init_from import (InitModel, check_vocabulary, described, open_init_model, same_model, with_lora,
+                        write_record)
 from .metrics import MetricsLog
 from .optim import build_optimizer, lr_at
 from .run_folder import check_out_path, claim_run_folder, clean_temporary_checkpoints
@@ -46,24 +49,31 @@ def peak_flops(device: torch.device) -> float | None:
     return next((peak for fragment, peak in PEAK_FLOPS if fragment in name), None)
 
 
-def flops_per_token(model_cfg: ModelConfig, n_params: int, seq_len: int) -> float:
+def flops_per_token(n_layers: int, d_model: int, n_params: int, seq_len: int) -> float:
     """6 N for the matmuls of forward + backward, plus attention scores (nanoGPT / PaLM appendix B)."""
-    return 6 * n_params + 12 * model_cfg.n_layers * model_cfg.d_model * seq_len
+    return 6 * n_params + 12 * n_layers * d_model * seq_len
 
 
-def default_corpus_dir(vocab_size: int) -> Path:
-    return Path.home() / ".cache" / "layerwise" / f"shakespeare-bpe{vocab_size}"
+def default_corpus_dir(vocab_size: int | None = None, tokenizer: Path | None = None) -> Path:
+    """Where the embedded Shakespeare is cached, tokenized by a BPE of `vocab_size` or by `tokenizer`."""
+    name = f"bpe{vocab_size}" if tokenizer is None else f"tokenizer-{sha256_of(tokenizer)[:12]}"
+    return Path.home() / ".cache" / "layerwise" / f"shakespeare-{name}"
 
 
-def open_data(cfg: TrainConfig, console: Console):
+def open_data(cfg: TrainConfig, console: Console, tokenizer: Path | None = None):
+    """The training data; text (the embedded Shakespeare by default) is tokenized with `tokenizer` (a
+    tokenizer.json) when given, else with a BPE of cfg.tokenizer_vocab_size trained on it."""
     from ..data.build import build_corpus, open_token_data
 
     if cfg.data is not None:
-        return open_token_data(cfg.data)
-    path = default_corpus_dir(cfg.tokenizer_vocab_size)
+        return open_token_data(cfg.data, tokenizer_path=tokenizer)
+    if tokenizer is None:
+        path, what = default_corpus_dir(cfg.tokenizer_vocab_size), f"BPE {cfg.tokenizer_vocab_size}"
+    else:
+        path, what = default_corpus_dir(tokenizer=tokenizer), f"tokenizer {tokenizer}"
     if not (path / "manifest.json").exists():
-        console.print(f"building the embedded Shakespeare corpus (BPE {cfg.tokenizer_vocab_size}) in {path}")
-        build_corpus(["shakespeare"], path, vocab_size=cfg.tokenizer_vocab_size)
+        console.print(f"building the embedded Shakespeare corpus ({what}) in {path}")
+        build_corpus(["shakespeare"], path, vocab_size=cfg.tokenizer_vocab_size, tokenizer_path=tokenizer)
     return open_token_data(path)
 
 
@@ -77,6 +87,12 @@ def build_model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
                         f"{vocab_size} tokens; leave it out (the data's vocabulary is used) or raise it")
     overrides.setdefault("max_seq_len", max(cfg.seq_len, 256))
     return ModelConfig.from_preset(preset, size, **overrides)
+
+
+def _has_known_layers(model) -> bool:
+    from ..arch import SUPPORTED_FAMILIES
+
+    return getattr(model.config, "model_type", None) in SUPPORTED_FAMILIES
 
 
 def attention_gain_refresh_every(total_steps: int) -> int:
@@ -117,6 +133,8 @@ class Trainer:
         self.accum = per_rank // self.micro
         self.run_dir = Path(cfg.out)
         self.lock = None
+        self.init: InitModel | None = None
+        self.scratch: tempfile.TemporaryDirectory | None = None  # the init model's tokenizer.json, for the data
         self.use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and self.rt.device.type == "cuda")
 
     def autocast(self):
@@ -133,16 +151,28 @@ class Trainer:
         if cfg.resume not in ("none", "auto") and not Path(cfg.resume).is_dir():
             raise UserError(f"TrainConfig.resume={cfg.resume!r} is not none, auto or an existing checkpoint folder")
         torch.manual_seed(cfg.seed)
-        data = open_data(cfg, console)
+        tokenizer = self._open_init_model() if cfg.init_from is not None else None
+        data = open_data(cfg, console, tokenizer)
         for split, tokens in (("train", data.train), ("validation", data.val)):
             if len(tokens) < cfg.seq_len + 2:
                 raise UserError(f"the {split} split has {len(tokens)} tokens, fewer than seq_len={cfg.seq_len} + 2")
-        model_cfg = build_model_config(cfg, data.vocab_size)
+        if self.init is not None:
+            check_vocabulary(self.init, data.vocab_size, cfg.data or "the embedded Shakespeare")
+            model_cfg = self.init.model.config
+        else:
+            model_cfg = build_model_config(cfg, data.vocab_size)
         if rt.is_main:  # under torchrun rank 0 owns the folder for all ranks
             self._claim_run_folder()
         dist_infra.barrier(rt)
-        model = LayerwiseForCausalLM(model_cfg).to(rt.device)
+        model = (self.init.model if self.init is not None else LayerwiseForCausalLM(model_cfg)).to(rt.device)
         n_params = sum(p.numel() for p in model.parameters())
+        # Depth telemetry beyond per-layer gradient norms needs layerwise hook points.
+        self.observed = model
+        self.telemetry_layers = _has_known_layers(model)
+        self.hooked = isinstance(model, LayerwiseForCausalLM)
+        if cfg.lora_rank:
+            model = with_lora(model, cfg.lora_rank)
+            self.hooked = False  # the adapted linears are peft's, not the modules the hook points sit on
         # FSDP2 shards parameters in place, so the optimizer is built after wrapping.
         wrapped = dist_infra.wrap(model, rt, cfg.fsdp)
         optimizer = build_optimizer(model, cfg, rt.device)
@@ -166,8 +196,11 @@ class Trainer:
                 console.print(f"[yellow]the previous metrics.jsonl (no valid checkpoint left) moved to {aside}")
             cfg.save_yaml(self.run_dir / "train.yaml")
             model_cfg.to_json_file(self.run_dir / "model_config.json")
-            if data.tokenizer_path is not None:  # diagnose/eval of the run then find its tokenizer
-                shutil.copyfile(data.tokenizer_path, self.run_dir / TOKENIZER)
+            run_tokenizer = tokenizer or data.tokenizer_path
+            if run_tokenizer is not None:  # diagnose/eval of the run then find its tokenizer
+                shutil.copyfile(run_tokenizer, self.run_dir / TOKENIZER)
+            if self.init is not None:
+                write_record(self.run_dir, self.init)
         dist_infra.barrier(rt)
         log = MetricsLog(self.run_dir, start_step if resume_from else None, cfg.tensorboard) if rt.is_main else None
 
@@ -175,9 +208,11 @@ class Trainer:
         total = cfg.total_steps
         refresh_every = attention_gain_refresh_every(total)
         peak = peak_flops(rt.device)
-        fpt = flops_per_token(model_cfg, n_params, cfg.seq_len)
+        embed = model.get_input_embeddings().weight
+        fpt = flops_per_token(model_cfg.num_hidden_layers, embed.shape[1], n_params, cfg.seq_len)
         if rt.is_main:
-            console.print(f"{model_cfg.preset or 'model'} ({n_params / 1e6:.2f}M params) on {rt.device} x{rt.world_size}; "
+            name = getattr(model_cfg, "preset", None) or (cfg.init_from and f"{cfg.init_from} ({model_cfg.model_type})")
+            console.print(f"{name or 'model'} ({n_params / 1e6:.2f}M params) on {rt.device} x{rt.world_size}; "
                           f"{total} steps x {cfg.tokens_per_step:,} tokens = {total * cfg.tokens_per_step:,} tokens; "
                           f"data {data.vocab_size} vocab, {len(data.train):,} train tokens")
             if rt.device.type == "cuda" and peak is None:
@@ -217,14 +252,14 @@ class Trainer:
                     continue
                 consecutive_bad = 0
                 telemetry = None
-                if (step + 1) % cfg.telemetry_every == 0 or step + 1 == total:
-                    telemetry = {"grad_norm_layers": layer_grad_norms(wrapped)}
+                if self.telemetry_layers and ((step + 1) % cfg.telemetry_every == 0 or step + 1 == total):
+                    telemetry = {"grad_norm_layers": layer_grad_norms(self.observed)}
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if (step + 1) % refresh_every == 0:  # after the update, like the callback's on_step_end
                     refresh_attention_gains(model, cfg.seq_len)
                 pause = time.perf_counter()  # telemetry, evaluation and checkpoints do not count as training time
-                if telemetry is not None and not cfg.fsdp:
+                if telemetry is not None and not cfg.fsdp and self.hooked:
                     telemetry.update(measure_depth(model, first_x[:4], self.autocast()))
                 record = {"step": step + 1, "tokens": tokens}
                 if rt.is_main and ((step + 1) % cfg.log_every == 0 or step + 1 == total):
@@ -282,6 +317,25 @@ class Trainer:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+        if self.scratch is not None:
+            self.scratch.cleanup()
+            self.scratch = None
+
+    def _open_init_model(self) -> Path | None:
+        """Load cfg.init_from into self.init; the path of its tokenizer as a tokenizer.json (None if it has
+        none), which the data is tokenized with."""
+        self.init = open_init_model(self.cfg.init_from)
+        check_vocabulary(self.init)  # before any tokenizing
+        if self.init.tokenizer is None:
+            if self.cfg.data is None:
+                raise UserError(f"TrainConfig.init_from={self.cfg.init_from!r} has no tokenizer to tokenize the "
+                                "embedded Shakespeare with; pass --data as a corpus folder or token shards made "
+                                "for this model")
+            return None
+        self.scratch = tempfile.TemporaryDirectory(prefix="layerwise-init-tokenizer-")
+        path = Path(self.scratch.name) / TOKENIZER
+        self.init.tokenizer.save(str(path))
+        return path
 
     def _resume_path(self) -> Path | None:
         cfg = self.cfg
@@ -299,12 +353,12 @@ class Trainer:
             raise UserError(f"TrainConfig.resume={cfg.resume!r} is not a usable checkpoint: {err}") from None
         return path
 
-    def _check_same_run(self, checkpoint: Path, model_cfg: ModelConfig) -> None:
+    def _check_same_run(self, checkpoint: Path, model_cfg) -> None:
         """Resuming (or reusing a finished run in `compare`) continues the checkpoint's run, so every setting
-        that changes the result must be the one it was trained with."""
+        that changes the result must be the one it was trained with, and an init_from run the same model."""
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         saved_train = with_current_names(state.get("train_config", {}))
-        saved_model = ModelConfig.from_json_file(checkpoint / "config.json").to_dict()
+        saved_model = type(model_cfg).from_json_file(checkpoint / "config.json").to_dict()
         ignored = {"transformers_version", "architectures", "torch_dtype", "dtype", "_name_or_path"}
         defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
         # A field the checkpoint predates had its default then.
@@ -314,6 +368,9 @@ class Trainer:
         differ += [f"model.{k}: {saved_model.get(k)!r} in the checkpoint, {now_model.get(k)!r} now"
                    for k in sorted((set(saved_model) | set(now_model)) - ignored)
                    if saved_model.get(k) != now_model.get(k)]
+        saved_init, now_init = state.get("init_from"), self.init and self.init.fingerprint
+        if not same_model(saved_init, now_init):
+            differ.append(f"init_from: {described(saved_init)} in the checkpoint, {described(now_init)} now")
         if differ:
             raise UserError(f"{checkpoint} was trained with other settings ({'; '.join(differ)}); continuing it "
                             "would mix two runs. Use its settings, or a new --out (train --overwrite moves the old "
@@ -346,7 +403,7 @@ class Trainer:
             else:
                 sync = wrapped.no_sync() if rt.distributed and not last else nullcontext()
             with sync, self.autocast():
-                logits = forward(input_ids=x).logits
+                logits = forward(input_ids=x, use_cache=False).logits
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()) / self.accum
             loss.backward()
             loss_sum += loss.detach()
@@ -372,14 +429,15 @@ class Trainer:
             x, y = windows(data.val, mine[i:i + self.micro], cfg.seq_len)
             x, y = x.to(rt.device), y.to(rt.device)
             with self.autocast():
-                logits = forward(input_ids=x).logits
+                logits = forward(input_ids=x, use_cache=False).logits
             total += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum") / cfg.seq_len
         model.train(was_training)
         return (dist_infra.mean_over_processes(total, rt) / len(mine)).item()
 
     def _checkpoint(self, step, model, optimizer):
         state = {"step": step, "tokens": step * self.cfg.tokens_per_step, "bad_steps_total": self.bad_total,
-                 "train_config": self.cfg.to_dict()}
+                 "train_config": self.cfg.to_dict(),
+                 **({"init_from": self.init.fingerprint} if self.init is not None else {})}
         save_checkpoint(self.run_dir, step, model, optimizer, state, self.cfg.keep_checkpoints, self.rt.is_main)
         dist_infra.barrier(self.rt)
 
