@@ -139,13 +139,13 @@ def test_llama_with_biases_everywhere_converts_to_bias_and_back():
     assert torch.equal(logits(back, IDS), logits(hf, IDS))
 
 
-def test_a_pruned_model_converts_keeping_its_dropped_layers():
+def test_a_pruned_model_converts_keeping_its_layer_origin():
     hf = apply(perturbed(hf_model("llama")), ["drop=1"])
     converted = apply(hf, ["to-layerwise"])
-    assert converted.config.n_layers == 3 and converted.config.layerwise_dropped_layers == [1]
+    assert converted.config.n_layers == 3 and converted.config.layer_origin == [0, 2, 3]
     assert converted.config.layerwise_transforms == ["drop=1", "to-layerwise"]
     assert torch.equal(logits(converted, IDS), logits(hf, IDS))
-    assert apply(converted, ["to-hf"]).config.layerwise_dropped_layers == [1]
+    assert apply(converted, ["to-hf"]).config.layer_origin == [0, 2, 3]
 
 
 def test_steps_record_the_family_and_the_history_and_to_hf_defaults_to_it():
