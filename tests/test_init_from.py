@@ -236,3 +236,14 @@ def test_the_cli_heals_and_its_dry_run_shows_the_loaded_model(llama_dir, text_fi
                                  "--set", "eval_batches=1", "--set", "tensorboard=false"])
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert [r["step"] for r in records(tmp_path / "run") if "val_loss" in r] == [0, 2]
+
+
+def test_compare_refuses_an_init_model_in_one_line(tmp_path):
+    from layerwise.compare import compare
+    from layerwise.errors import UserError
+    from layerwise.train.config import TrainConfig
+
+    base = TrainConfig(init_from=str(tmp_path / "model"), out=str(tmp_path / "run"))
+    with pytest.raises(UserError, match="compare trains presets from scratch"):
+        compare(["pre-ln"], [0], base, tmp_path / "cmp")
+    assert not (tmp_path / "cmp").exists()

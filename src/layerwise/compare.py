@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
@@ -22,6 +21,11 @@ def compare(presets: list[str], seeds: list[int], base: TrainConfig, out: Path,
     from .config import ModelConfig
 
     console = console or Console()
+    if getattr(base, "init_from", None):
+        from .errors import UserError
+
+        raise UserError(f"TrainConfig.init_from={base.init_from!r}: compare trains presets from scratch; continue "
+                        "training a loaded model with `layerwise train --init-from` instead")
     for name in presets:
         ModelConfig.from_preset(name, base.model["size"])  # fail before training anything
     check_out_path(out)
