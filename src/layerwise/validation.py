@@ -28,6 +28,8 @@ def validate_config(cfg) -> None:
         fail("head_dim", cfg.head_dim, "must be an integer of at least 2")
     if cfg.head_dim % 2:
         fail("head_dim", cfg.head_dim, "is odd; RoPE needs an even head_dim (choose n_heads or head_dim so it is)")
+    if not isinstance(cfg.lm_head_bias, bool):
+        fail("lm_head_bias", cfg.lm_head_bias, "must be True or False")
     if cfg.n_heads % cfg.n_kv_heads:
         fail("n_kv_heads", cfg.n_kv_heads, f"must divide n_heads={cfg.n_heads} (grouped-query attention)")
 
