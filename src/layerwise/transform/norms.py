@@ -41,9 +41,10 @@ def fold_norms(model: nn.Module) -> nn.Module:
     if any(_reader_of_head(site, mapped) for site in _foldable(mapped)) and mapped.tied_head:
         _untie_head(model, mapped)
     layerwise = mapped.family == "layerwise"
+    biases_before = sum(getattr(m, "bias", None) is not None for m in model.modules())
     for site in _foldable(mapped):
         _fold(site, can_add_bias=layerwise, model=model, mapped=mapped)
-    if layerwise:
+    if layerwise and sum(getattr(m, "bias", None) is not None for m in model.modules()) != biases_before:
         _refresh_init_records(model)
     return model
 
