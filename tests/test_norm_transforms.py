@@ -85,8 +85,10 @@ def test_fold_norms_refuses_a_zero_gain_whose_bias_has_nowhere_to_go():
     model = trained_looking(hf_model("gpt2").double())
     with torch.no_grad():
         model_map(model).final_norm.norm.weight[3] = 0.0
-    with pytest.raises(UserError, match="zero gain"):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UserError, match="final norm has a zero gain"):
         apply(model, ["fold-norms"])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # refused before any fold
 
 
 FOLDABLE_PRESETS = [

@@ -37,6 +37,9 @@ from .steps import Step, register_step
 def fold_norms(model: nn.Module) -> nn.Module:
     """Fold the gain (and bias) of every norm that only linears read into those linears, in place; the logits
     are unchanged. A head tied to the embedding is untied first (`tie_word_embeddings=False`)."""
+    refusal = fold_norms_refusal(model)
+    if refusal:
+        raise UserError(f"fold-norms: {refusal}")
     mapped = model_map(model)
     if any(_reader_of_head(site, mapped) for site in _foldable(mapped)) and mapped.tied_head:
         _untie_head(model, mapped)
@@ -47,6 +50,17 @@ def fold_norms(model: nn.Module) -> nn.Module:
     if layerwise and sum(getattr(m, "bias", None) is not None for m in model.modules()) != biases_before:
         _refresh_init_records(model)
     return model
+
+
+def fold_norms_refusal(model: nn.Module) -> str | None:
+    """Why some norm of `model` cannot be folded, or None; asked before any weight changes."""
+    for site in _foldable(model_map(model)):
+        keeps_beta = getattr(site.norm, "bias", None) is not None and not all(
+            _can_take_bias(r, model) for r in site.readers)
+        if keeps_beta and bool(((site.norm.weight + site.gain_offset) == 0).any()):
+            return (f"the {site.role} norm has a zero gain and a reader that cannot take a bias (its family has no "
+                    "config field for one), so its bias cannot move into the readers nor stay as bias / gain")
+    return None
 
 
 def pre_rmsnorm(model: nn.Module) -> nn.Module:
@@ -167,9 +181,6 @@ def _fold(site: NormSite, *, can_add_bias: bool, model: nn.Module, mapped: Model
         gain = norm.weight + site.gain_offset
         beta = getattr(norm, "bias", None)
         keep_beta = beta is not None and not all(_can_take_bias(r, model) for r in site.readers)
-        if keep_beta and bool((gain == 0).any()):
-            raise UserError(f"fold-norms: the {site.role} norm has a zero gain and a reader that cannot take a bias "
-                            "(its family has no config field for one), so its bias cannot move; leave it unfolded")
         if beta is not None and not keep_beta:
             if can_add_bias:
                 _add_biases(model, mapped, site)
@@ -264,15 +275,14 @@ class FoldNorms(Step):
 
     def check(self, model):
         try:
-            model_map(model)
-        except UserError as err:
+            refusal = fold_norms_refusal(model)
+        except UserError as err:  # a family the adapters do not know
             self.refuse(str(err))
+        if refusal:
+            self.refuse(f"cannot fold norms: {refusal}")
 
     def apply(self, model):
-        try:
-            return fold_norms(model)
-        except UserError as err:
-            self.refuse(str(err))
+        return fold_norms(model)
 
 
 @register_step("pre-rmsnorm")
