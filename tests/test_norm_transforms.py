@@ -131,7 +131,7 @@ def test_crmsnorm_is_rmsnorm_of_the_zero_mean_vector_without_its_last_coordinate
 
 CONVERTIBLE = [{}, {"bias": True}, {"norm_bias": False}, {"layernorm_scaling": True},
                {"value_residual": "resformer"}, {"value_residual": "satformer", "norm_bias": False},
-               {"qk_norm": True, "tie_word_embeddings": False}]
+               {"qk_norm": True, "tie_word_embeddings": False}, {"embedding_scale": True, "mlp": "swiglu"}]
 
 
 @pytest.mark.parametrize("convert", [pre_rmsnorm, pre_crmsnorm], ids=["pre-rmsnorm", "pre-crmsnorm"])
