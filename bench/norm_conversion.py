@@ -6,9 +6,9 @@
 The four models compute the same function (each conversion is exact; the run checks the logits agree), so
 the only difference is the work per token: LayerNorm with gain and bias, LayerNorm with unit gain and no bias
 (fold-norms), RMSNorm (pre-rmsnorm), and CRMSNorm on a stream one coordinate narrower (pre-crmsnorm). Each
-runs a no-grad forward on random tokens, eager and under torch.compile, in one process; the time is the
-median over `--steps` after `--warmup` calls, and each ratio is the original's time over the converted
-model's (above 1: faster) in the same mode.
+runs a no-grad forward on random tokens, eager and under torch.compile, in one process, the models taking
+turns call by call; the time is the median over `--steps` after `--warmup` calls, and each ratio is the
+original's time over the converted model's (above 1: faster) in the same mode.
 """
 
 from __future__ import annotations
@@ -42,15 +42,18 @@ def build(args) -> LayerwiseForCausalLM:
     return model
 
 
-def median_ms(model, tokens, warmup: int, steps: int) -> float:
-    times = []
+def median_ms(runs: dict, tokens, warmup: int, steps: int) -> dict[str, float]:
+    """Median ms per forward of each model. The models take turns call by call, so load from other processes
+    on a shared machine falls on all of them alike instead of on whichever ran during it."""
+    times = {name: [] for name in runs}
     with torch.no_grad():
         for i in range(warmup + steps):
-            start = time.perf_counter()
-            model(tokens)
-            if i >= warmup:
-                times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run(tokens)
+                if i >= warmup:
+                    times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv=None) -> dict:
@@ -59,10 +62,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--d-model", type=int, default=512)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", type=Path)
@@ -81,15 +84,10 @@ def main(argv=None) -> dict:
     modes = ["eager"] + (["compiled"] if args.compile else [])
     rows = []
     for mode in modes:
-        for name, model in models.items():
-            run = torch.compile(model) if mode == "compiled" else model
-            rows.append(dict(model=name, mode=mode, ms=median_ms(run, tokens, args.warmup, args.steps),
-                             max_rel_dlogit=agreement[name]))
-            torch._dynamo.reset()
-        base = next(r["ms"] for r in rows if r["mode"] == mode and r["model"] == "pre-ln (original)")
-        for row in rows:
-            if row["mode"] == mode:
-                row["speedup"] = base / row["ms"]
+        runs = {name: torch.compile(m) if mode == "compiled" else m for name, m in models.items()}
+        ms = median_ms(runs, tokens, args.warmup, args.steps)
+        rows += [dict(model=name, mode=mode, ms=ms[name], speedup=ms["pre-ln (original)"] / ms[name],
+                      max_rel_dlogit=agreement[name]) for name in models]
 
     shape = dict(layers=args.layers, d_model=args.d_model, heads=args.heads, vocab=args.vocab, batch=args.batch,
                  seq=args.seq, threads=args.threads, dtype="float32")
