@@ -47,3 +47,15 @@ def test_diagnose_benchmark_measures_ours_and_naive_and_they_agree_on_removal(tm
         assert abs(delta) > 1e-4 and abs(ours["removal_delta_loss"][s] - delta) < 1e-5  # ... by the same amount
     assert result["agreement"]["span_removal_delta_loss"] < 1e-5
     assert result["agreement"]["angular_distance_layers_0_to_L-2"] < 1e-5
+
+
+def test_norm_conversion_benchmark_times_every_conversion_and_checks_they_agree():
+    path = Path(__file__).parents[1] / "bench" / "norm_conversion.py"
+    spec = importlib.util.spec_from_file_location("norm_conversion_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--layers", "2", "--d-model", "64", "--heads", "4", "--vocab", "256", "--batch", "1",
+                          "--seq", "16", "--warmup", "1", "--steps", "2", "--threads", "1", "--no-compile"])
+    rows = result["rows"]
+    assert [row["model"] for row in rows] == ["pre-ln (original)", "fold-norms", "pre-rmsnorm", "pre-crmsnorm"]
+    assert all(row["ms"] > 0 and row["max_rel_dlogit"] < 1e-4 for row in rows) and rows[0]["speedup"] == 1.0

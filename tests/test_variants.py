@@ -23,6 +23,7 @@ FLAGS = {
     ("norm", "bhyt"): (False, True, True),
     ("norm", "seednorm"): (False, True, True),
     ("norm", "frozen"): (False, True, True),
+    ("norm", "crmsnorm"): (False, True, True),
     ("norm_placement", "pre"): (False, True, True),
     ("norm_placement", "post"): (False, True, True),
     ("norm_placement", "peri"): (False, True, True),

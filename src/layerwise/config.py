@@ -60,6 +60,7 @@ class ModelConfig(PreTrainedConfig):
     position_embedding: str = "rope"  # rope | learned (GPT-2's absolute table added to the token embedding)
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = True
+    lm_head_bias: bool = False  # a bias on the head (Pre-LN -> Pre-RMSNorm folds the final LayerNorm's beta there)
     embedding_scale: bool = False  # a learnable scalar times the embedding, init sqrt(d) (DyT's LLaMA recipe)
 
     # Init
@@ -67,7 +68,7 @@ class ModelConfig(PreTrainedConfig):
     scaled_init: bool = False  # GPT-2 / Megatron: output projections use init_std / sqrt(2 L)
 
     # Normalization
-    norm: str = "rmsnorm"  # layernorm | rmsnorm | dyt | bhyt | seednorm | frozen
+    norm: str = "rmsnorm"  # layernorm | rmsnorm | crmsnorm | dyt | bhyt | seednorm | frozen
     norm_eps: float = 1e-6
     norm_bias: bool = True  # beta in layernorm / dyt / frozen
     norm_placement: str = "pre"  # pre | post | peri | mixln | deepnorm

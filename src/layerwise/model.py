@@ -139,7 +139,7 @@ class LayerwiseForCausalLM(LayerwisePreTrainedModel, GenerationMixin):
     def __init__(self, config: ModelConfig):
         super().__init__(config)
         self.model = LayerwiseModel(config)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=config.lm_head_bias)
         attach_init(self)
         self.post_init()
 

@@ -27,6 +27,8 @@ def validate_config(cfg) -> None:
         fail("d_model", cfg.d_model, f"is not divisible by n_heads={cfg.n_heads}; set head_dim to use other widths")
     if not isinstance(cfg.head_dim, int) or isinstance(cfg.head_dim, bool) or cfg.head_dim < 2:
         fail("head_dim", cfg.head_dim, "must be an integer of at least 2")
+    if not isinstance(cfg.lm_head_bias, bool):
+        fail("lm_head_bias", cfg.lm_head_bias, "must be True or False")
     if cfg.n_heads % cfg.n_kv_heads:
         fail("n_kv_heads", cfg.n_kv_heads, f"must divide n_heads={cfg.n_heads} (grouped-query attention)")
 

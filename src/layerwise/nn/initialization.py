@@ -106,6 +106,8 @@ def parameter_groups(model: nn.Module) -> list[InitGroup]:
     ]
     if model is not base:
         groups.append(InitGroup("LM head", [(model.lm_head, "weight")], Normal(cfg.init_std)))
+        if model.lm_head.bias is not None:
+            groups.append(InitGroup("LM head bias", [(model.lm_head, "bias")], Constant(0.0)))
     return groups
 
 

@@ -23,6 +23,10 @@ class Norm(Variant, nn.Module):
     """Base of the norms: a per-token map [..., d] -> [..., d]. Its parameters are initialised by the groups in
     `layerwise.nn.initialization`."""
 
+    # The output is weight * f(x) (+ bias) with f free of both, so weight and bias fold into the linears that
+    # read the norm (`layerwise.transform.norms`); SeeDNorm's gain depends on x and does not.
+    affine_output: bool = True
+
     @classmethod
     def layer_class(cls, cfg) -> type[nn.Module]:
         """The layer class that wires this norm; a norm whose layer computes shared statistics overrides it."""
@@ -91,6 +95,27 @@ class RMSNorm(Norm):
 
     def forward(self, x):
         return self.weight * rms_normalize(x, self.eps)
+
+
+@register_norm("crmsnorm")
+class CRMSNorm(Norm):
+    """Compressed RMSNorm (Jiang et al., NeurIPS 2023) on the first d-1 coordinates z of a zero-mean x in R^d:
+    gamma * z / sqrt((sum z^2 + (sum z)^2) / d + eps), which is RMSNorm(x) without its last coordinate, since
+    x_d = -sum z. The width d of the uncompressed stream is the input width plus one."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    @classmethod
+    def from_config(cls, dim, cfg, role):
+        return cls(dim, eps=cfg.norm_eps)
+
+    def forward(self, x):
+        xf = at_least_float32(x)
+        square = (xf.pow(2).sum(-1, keepdim=True) + xf.sum(-1, keepdim=True).pow(2)) / (x.shape[-1] + 1)
+        return self.weight * (xf * torch.rsqrt(square + self.eps)).to(x.dtype)
 
 
 @register_norm("dyt")
@@ -185,6 +210,7 @@ class SeeDNorm(Norm):
     """
 
     decayed_parameters = ("alpha", "beta")
+    affine_output = False  # the gain is weight + alpha * s(x)
 
     config_fields = ("seednorm_heads", "seednorm_alpha")
 

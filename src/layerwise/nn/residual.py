@@ -64,6 +64,9 @@ class ResidualScheme(Variant, nn.Module):
 
     # The scheme forms each sublayer's input itself from `branch` outputs, so it needs an additive placement.
     routes_sublayer_inputs: bool = False
+    # The stream, and every sublayer input, is the plain sum of the embedding and the sublayer outputs, so
+    # removing the mean from each writer removes it from the stream (Pre-LN -> Pre-RMSNorm needs this).
+    sums_writers: bool = True
 
     @classmethod
     def validate(cls, cfg):
@@ -105,6 +108,7 @@ class DepthRoutedScheme(ResidualScheme):
     """Base of the AttnRes schemes: a depth-attention mixer per sublayer, indexed by the sublayer's position."""
 
     routes_sublayer_inputs = True
+    sums_writers = False  # sublayers read depth-softmax mixtures weighted by RMS-normalised keys of the sources
     drop_safe = False
     drop_hazard = ("AttnRes keeps a depth-attention mixer per sublayer and routes over block boundaries counted in "
                    "sublayers, so deleting a layer would shift every later mixer and block")

@@ -4,6 +4,7 @@
 from ..lazy import lazy_exports
 
 _EXPORTS = {
+    "fold_norms": ".norms", "pre_rmsnorm": ".norms", "pre_crmsnorm": ".norms",
     "DROPPED_LAYERS_KEY": ".prune", "drop_layers": ".prune", "original_layer_indices": ".prune",
     "parse_layer_list": ".prune", "save_pruned": ".prune", "save_transformed": ".prune",
     "parse_layer_program": ".program", "program_layers": ".program",
