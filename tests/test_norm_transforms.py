@@ -181,8 +181,10 @@ def test_pre_crmsnorm_is_one_coordinate_narrower_with_inner_widths_kept():
     (lambda: tiny_model("block-attnres", norm="layernorm"), "residual='block_attnres' does not make the stream"),
     (lambda: tiny_model("delta-attnres", norm="layernorm"), "residual='delta_attnres'"),
     (lambda: tiny_model("satformer", norm="layernorm"), "SATFormer gate"),
-    (lambda: hf_model("gpt2"), "converts layerwise models"),
-], ids=["rmsnorm", "post", "peri", "embedding-norm", "block-attnres", "delta-attnres", "satformer-beta", "hf"])
+    (lambda: hf_model("llama"), "converts layerwise Pre-LN models and HF GPT-2; this is a 'llama' model"),
+    (lambda: hf_model("gpt2", scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx"),
+], ids=["rmsnorm", "post", "peri", "embedding-norm", "block-attnres", "delta-attnres", "satformer-beta", "llama",
+        "gpt2-scaled-by-layer"])
 @pytest.mark.parametrize("step", ["pre-rmsnorm", "pre-crmsnorm"])
 def test_conversion_refuses_with_the_reason(model, reason, step):
     m = model()
@@ -190,3 +192,24 @@ def test_conversion_refuses_with_the_reason(model, reason, step):
     with pytest.raises(UserError, match=reason):
         apply(m, [step])
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # refused before touching it
+
+
+@pytest.mark.parametrize("step", ["pre-rmsnorm", "pre-crmsnorm"])
+def test_hf_gpt2_converts_exactly_through_its_layerwise_form(step, tmp_path):
+    """GPT-2 has no RMSNorm, so its converted form is a layerwise model; its learned position table writes into
+    the stream and is recentred (and compressed) like the token embedding."""
+    original = hf_model("gpt2").to(torch.float64).eval()
+    with torch.no_grad():
+        for p in original.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3), dtype=p.dtype))
+    before = logits(original)
+    converted = apply(copy.deepcopy(original), [step]).eval()
+    assert isinstance(converted, LayerwiseForCausalLM) and converted.config.position_embedding == "learned"
+    assert converted.config.norm == step.removeprefix("pre-")
+    assert relative(logits(converted), before) < 1e-10
+    assert relative(logits(reloaded(converted, tmp_path)), before) < 1e-10
+    table = converted.model.position_embedding.weight
+    if step == "pre-rmsnorm":
+        assert table.mean(-1).abs().max() < 1e-12 * table.abs().max()
+    else:
+        assert table.shape[1] == original.config.n_embd - 1

@@ -63,7 +63,8 @@ def layerwise_model_map(model: nn.Module) -> ModelMap:
     mixers = [*getattr(inner.residual, "mixers", ()), *filter(None, [getattr(inner.residual, "final_mixer", None)])]
     extra += [NormSite("depth_key", mixer.key_norm, "scores") for mixer in mixers]
     final = NormSite("final", inner.norm, "linears", (model.lm_head,))
-    return ModelMap("layerwise", inner.embed_tokens, layers, final, model.lm_head, tuple(extra))
+    table = inner.position_embedding if getattr(inner.position_embedding, "weight", None) is not None else None
+    return ModelMap("layerwise", inner.embed_tokens, layers, final, model.lm_head, tuple(extra), table)
 
 
 def layerwise_depth_view(model: nn.Module) -> DepthView:

@@ -66,6 +66,8 @@ class ModelMap:
     head: nn.Module
     # Norms outside the layers: an embedding norm (Peri-LN's optional one) and AttnRes depth-mixer keys.
     extra_norms: tuple[NormSite, ...] = ()
+    # A learned absolute position table ([max_seq_len, d] rows added to the stream, GPT-2's wpe); None with RoPE.
+    position_embed: nn.Module | None = None
 
     @property
     def tied_head(self) -> bool:

@@ -5,9 +5,11 @@ Steps:
   LayerNorm / DyT its bias, to the linears that read it, and is left with unit gain and no bias. Norms whose
   output enters the residual stream, is the stream, or enters attention scores (Peri-LN and Gemma 2 output
   norms, Post-LN norms, embedding norms, QK-norm, AttnRes keys) keep their gains: no linear alone reads them.
-- `pre-rmsnorm` (Jiang et al., NeurIPS 2023): a Pre-LN LayerNorm layerwise model becomes a Pre-RMSNorm one
+- `pre-rmsnorm` (Jiang et al., NeurIPS 2023): a Pre-LN LayerNorm layerwise model (or HF GPT-2, first made the
+  equivalent layerwise model, since GPT-2's classes have no RMSNorm) becomes a Pre-RMSNorm one
   computing the same function: fold the norms, remove the mean from everything that writes the residual
-  stream (embedding rows, attention and MLP output projections and their biases) so the stream is zero-mean,
+  stream (embedding and position-table rows, attention and MLP output projections and their biases) so the
+  stream is zero-mean,
   where LayerNorm and RMSNorm agree (eps included: the variance is then the mean square).
 - `pre-crmsnorm`: after `pre-rmsnorm` the stream's last coordinate is minus the sum of the others, so it is
   dropped: writers lose their last output row, readers W become W[:, :-1] - W[:, -1:], and the norms become
@@ -91,14 +93,15 @@ def pre_crmsnorm(model: nn.Module) -> nn.Module:
     converted = pre_rmsnorm(model)
     mapped = model_map(converted)
     writers = {id(m) for m in _writers(mapped)}
+    tables = {id(t) for t in _tables(mapped)}
     readers = {id(r) for site in _foldable(mapped) for r in site.readers}
     names = {id(m): name for name, m in converted.named_modules()}
     state = dict(converted.state_dict())
     with torch.no_grad():
         for module_id in writers:
             module, prefix = _module(converted, names[module_id]), names[module_id]
-            # nn.Embedding keeps one row per token, (V, d): the stream is its second dim, unlike a Linear's (d, k).
-            if isinstance(module, nn.Embedding):
+            # A table keeps one row per token or position, (V, d): the stream is its second dim.
+            if module_id in tables:
                 state[f"{prefix}.weight"] = module.weight[:, :-1].clone()
             else:
                 state[f"{prefix}.weight"] = module.weight[:-1].clone()
@@ -115,12 +118,30 @@ def pre_crmsnorm(model: nn.Module) -> nn.Module:
     return _rebuilt(converted, cfg, state)
 
 
+def as_layerwise_pre_ln(model: nn.Module) -> nn.Module:
+    """HF GPT-2 as the equivalent layerwise model (its RMSNorm form cannot be a GPT-2: GPT-2 has no RMSNorm);
+    other models as they are."""
+    if getattr(getattr(model, "config", None), "model_type", None) == "gpt2":
+        from ..arch.gpt2 import gpt2_to_layerwise
+
+        return gpt2_to_layerwise(model)
+    return model
+
+
 def pre_rmsnorm_refusal(model: nn.Module) -> str | None:
-    """Why `model` cannot be converted exactly to Pre-RMSNorm, or None."""
+    """Why `model` cannot be converted exactly to Pre-RMSNorm, or None (HF GPT-2 is asked as its layerwise form)."""
     cfg = getattr(model, "config", None)
+    if getattr(cfg, "model_type", None) == "gpt2":
+        from ..arch.gpt2 import gpt2_config_to_layerwise
+
+        try:
+            gpt2_config_to_layerwise(cfg)
+        except UserError as err:
+            return str(err)
+        return None
     if getattr(cfg, "model_type", None) != "layerwise":
-        return (f"converts layerwise models; this is a {getattr(cfg, 'model_type', type(model).__name__)!r} model "
-                "(convert it to a layerwise model first)")
+        return (f"converts layerwise Pre-LN models and HF GPT-2; this is a "
+                f"{getattr(cfg, 'model_type', type(model).__name__)!r} model")
     from ..nn.norms import LayerNorm
     from ..nn.registry import selected_variants, variant_of
 
@@ -233,14 +254,22 @@ def _refresh_init_records(model: nn.Module) -> None:
 
 
 def _writers(mapped: ModelMap) -> list[nn.Module]:
-    """What adds into the residual stream: the embedding, and each layer's attention and MLP output projection."""
-    modules = [mapped.embed, *(m for layer in mapped.layers for g in ("attn_out", "mlp_out") for m in layer.linears[g])]
+    """What adds into the residual stream: the embedding (and a learned position table), and each layer's
+    attention and MLP output projection."""
+    modules = [*_tables(mapped), *(m for layer in mapped.layers for g in ("attn_out", "mlp_out")
+                                   for m in layer.linears[g])]
     return list({id(m): m for m in modules}.values())
 
 
+def _tables(mapped: ModelMap) -> list[nn.Module]:
+    """The writers that store one stream vector per row ([V or max_seq_len, d]), unlike a Linear's (d, k)."""
+    return [mapped.embed] + ([mapped.position_embed] if mapped.position_embed is not None else [])
+
+
 def _recentre_writers(mapped: ModelMap) -> None:
+    tables = {id(t) for t in _tables(mapped)}
     for module in _writers(mapped):
-        if isinstance(module, nn.Embedding):  # (V, d): centre each token's row
+        if id(module) in tables:  # (V, d): centre each token's (or position's) row
             module.weight.sub_(module.weight.mean(1, keepdim=True))
             continue
         module.weight.sub_(module.weight.mean(0, keepdim=True))  # (d, k): centre each column over the output d
@@ -297,7 +326,7 @@ class PreRMSNorm(Step):
             self.refuse(f"cannot convert to Pre-RMSNorm: {refusal}")
 
     def apply(self, model):
-        return pre_rmsnorm(model)
+        return pre_rmsnorm(as_layerwise_pre_ln(model))
 
 
 @register_step("pre-crmsnorm")
@@ -312,4 +341,4 @@ class PreCRMSNorm(Step):
             self.refuse(f"cannot convert to Pre-CRMSNorm: {refusal}")
 
     def apply(self, model):
-        return pre_crmsnorm(model)
+        return pre_crmsnorm(as_layerwise_pre_ln(model))
