@@ -42,6 +42,10 @@ def drop_layers(model: nn.Module, layers: Iterable[int]) -> nn.Module:
     drop = _validated_indices(layers, len(stack))
     if not drop:
         return model
+    if getattr(model.config, "layer_order", None) is not None:  # a layerwise model with tied layers
+        from .layerwise_program import program_layerwise_model
+
+        return program_layerwise_model(model, [i for i in range(len(stack)) if i not in drop], tie=True)
     originals = original_layer_indices(model.config)
     dropped_originals = sorted(set(getattr(model.config, DROPPED_LAYERS_KEY, None) or [])
                                | {originals[i] for i in drop})
@@ -50,7 +54,7 @@ def drop_layers(model: nn.Module, layers: Iterable[int]) -> nn.Module:
         del stack[i]
     _renumber_layer_idx(stack)
     for config in _configs(model):
-        _prune_config(config, keep, drop, dropped_originals)
+        _prune_config(config, keep, drop, dropped_originals, [originals[i] for i in keep])
     _refresh_sliding_flags(model)
     return model
 
@@ -79,6 +83,8 @@ def parse_layer_list(text: str) -> list[int]:
 
 def original_layer_indices(config) -> list[int]:
     """For each current layer position, its index in the original (never pruned) model."""
+    if getattr(config, "layer_origin", None) is not None:  # written by layer programs, and by drop below
+        return list(config.layer_origin)
     dropped = set(getattr(config, DROPPED_LAYERS_KEY, None) or [])
     total = config.num_hidden_layers + len(dropped)
     return [i for i in range(total) if i not in dropped]
@@ -140,7 +146,8 @@ def _configs(model: nn.Module) -> list[PreTrainedConfig]:
     return list(found.values())
 
 
-def _prune_config(config, keep: list[int], drop: list[int], dropped_originals: list[int]) -> None:
+def _prune_config(config, keep: list[int], drop: list[int], dropped_originals: list[int],
+                  kept_originals: list[int]) -> None:
     n_layers = config.num_hidden_layers
     for name in PER_LAYER_CONFIG_LISTS:
         values = getattr(config, name, None)
@@ -156,6 +163,8 @@ def _prune_config(config, keep: list[int], drop: list[int], dropped_originals: l
         config.max_window_layers -= sum(i < config.max_window_layers for i in drop)
     config.num_hidden_layers = len(keep)  # GPT-2's n_layer and layerwise's n_layers through attribute_map
     setattr(config, DROPPED_LAYERS_KEY, dropped_originals)
+    if getattr(config, "layer_origin", None) is not None:  # kept in step with the list above, which it supersedes
+        config.layer_origin = kept_originals
 
 
 def _refresh_sliding_flags(model: nn.Module) -> None:
