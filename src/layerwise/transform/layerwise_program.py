@@ -49,13 +49,19 @@ def check_layerwise_program(model: nn.Module, order: list[int], tie: bool) -> No
     dropped, repeated = set(range(n)) - set(order), len(order) > len(set(order))
     for variant in selected_variants(cfg):
         field = variant.selector_field
-        if (dropped and not variant.drop_safe) or (repeated and not variant.repeat_safe) or variant.depth_dependent:
-            action = "drop" if dropped and not variant.drop_safe else "repeat" if repeated else "reorder"
-            safe = [v.registered_name for v in REGISTRIES[field].classes()
-                    if v.drop_safe and v.repeat_safe and not v.depth_dependent] if field in REGISTRIES else []
-            hint = f"; only {field}={' or '.join(map(repr, safe))} models take layer programs" if safe else ""
-            raise UserError(f"cannot {action} layers of a {field}={getattr(cfg, field)!r} model: "
-                            f"{variant.drop_hazard or variant.depth_dependence}{hint}")
+        if dropped and not variant.drop_safe:
+            action = "drop"
+        elif repeated and not variant.repeat_safe:
+            action = "repeat"
+        elif variant.depth_dependent:  # its layers would be rebuilt at their new positions, differently
+            action = "drop" if dropped else "repeat" if repeated else "reorder"
+        else:
+            continue
+        safe = [v.registered_name for v in REGISTRIES[field].classes()
+                if v.drop_safe and v.repeat_safe and not v.depth_dependent] if field in REGISTRIES else []
+        hint = f"; only {field}={' or '.join(map(repr, safe))} models take layer programs" if safe else ""
+        raise UserError(f"cannot {action} layers of a {field}={getattr(cfg, field)!r} model: "
+                        f"{variant.drop_hazard or variant.depth_dependence}{hint}")
 
 
 def program_layerwise_model(model: nn.Module, order: list[int], tie: bool) -> nn.Module:
