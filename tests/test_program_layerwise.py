@@ -6,6 +6,7 @@ new order, each with its own KV-cache slot), through a save and reload, and by c
 full forwards."""
 
 import copy
+import math
 import json
 
 import pytest
@@ -247,3 +248,28 @@ def test_diagnostic_views_follow_execution_positions():
 
 def test_forward_context_position_defaults_to_the_layer_slot():
     assert ForwardContext(rope=(torch.zeros(1), torch.zeros(1))).position is None
+
+
+def test_pruned_lns_model_saves_and_reloads_with_each_layers_own_scale(tmp_path):
+    from layerwise.transform import drop_layers, save_pruned
+
+    pruned = drop_layers(tiny_model("lns", dtype=torch.float64), [1, 3])
+    save_pruned(pruned, None, tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    assert loaded.config.layer_origin == [0, 2] and loaded.config.layerwise_dropped_layers == [1, 3]
+    assert [layer.attn.depth_scale for layer in loaded.model.layers] == [1.0, 1 / math.sqrt(3)]
+    ids = torch.randint(1, VOCAB, (2, 10))
+    assert torch.equal(logits(loaded, ids), logits(pruned, ids))
+
+
+def test_dropping_a_layer_of_a_tied_model_drops_that_position_only():
+    from layerwise.transform import drop_layers
+
+    model = tiny_model("pre-rmsnorm", n_layers=6, layer_order=[0, 1, 2, 1, 2, 3], dtype=torch.float64)
+    ids = torch.randint(1, VOCAB, (2, 10))
+    expected = by_hand(model, [0, 1, 2, 1, 3], ids)  # stored layers, by hand: position 4 (layer 2's rerun) gone
+    pruned = drop_layers(model, [4])
+    assert pruned.config.layer_order == [0, 1, 2, 1, 3] and len(pruned.model.layers) == 4
+    assert pruned.config.layer_origin == [0, 1, 2, 1, 3]
+    torch.testing.assert_close(logits(pruned, ids), expected, rtol=0, atol=1e-12)
+    assert_cached_generate_is_greedy(pruned)
