@@ -273,3 +273,16 @@ def test_dropping_a_layer_of_a_tied_model_drops_that_position_only():
     assert pruned.config.layer_origin == [0, 1, 2, 1, 3]
     torch.testing.assert_close(logits(pruned, ids), expected, rtol=0, atol=1e-12)
     assert_cached_generate_is_greedy(pruned)
+
+
+@pytest.mark.parametrize("preset", ["pre-rmsnorm", "attnres"])
+def test_depth_telemetry_reports_every_execution_position_of_a_tied_model(preset):
+    import contextlib
+
+    from layerwise.train.telemetry import measure_depth
+
+    model = tiny_model(preset, n_layers=6, layer_order=[0, 1, 2, 1, 2, 3])
+    rec = measure_depth(model, torch.randint(1, VOCAB, (2, 8)), contextlib.nullcontext())
+    assert len(rec["hidden_rms"]) == 7 and len(rec["attn_contribution"]) == len(rec["mlp_contribution"]) == 6
+    # Positions 1 and 3 run one layer on different inputs: their contributions differ.
+    assert rec["attn_contribution"][1] != rec["attn_contribution"][3]

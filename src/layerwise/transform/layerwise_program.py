@@ -33,7 +33,13 @@ def _origins(cfg) -> list[int]:
 
 
 def check_layerwise_program(model: nn.Module, order: list[int], tie: bool) -> None:
-    """Raise UserError naming the reason when `model` cannot run program `order` (see the module docstring)."""
+    """Raise UserError naming the reason when `model` cannot run program `order` (see the module docstring).
+
+    `tie` is accepted for the common signature of program checks: a layerwise config can always state tied
+    layers (`layer_order`), so only the variants decide. Refused: dropping under a variant that is not
+    `drop_safe`, repeating under one that is not `repeat_safe` (AttnRes mixers and value-residual parameters
+    belong to positions of the trained model), and any change under a `depth_dependent` variant (Mix-LN,
+    DeepNorm), whose layers would be rebuilt differently at their new positions."""
     from ..nn.registry import REGISTRIES, selected_variants
 
     cfg = model.config
