@@ -166,9 +166,10 @@ def test_layerwise_pruned_model_round_trips_through_save_and_load(tmp_path):
     assert torch.equal(logits(loaded, ids), logits(pruned, ids))
 
 
-@pytest.mark.parametrize("preset, field", [("lns", "layernorm_scaling"), ("deepnorm", "norm_placement")])
+@pytest.mark.parametrize("preset, field", [("deepnorm", "norm_placement")])
 def test_layerwise_depth_dependent_pruned_model_refuses_to_save(preset, field, tmp_path):
-    # Reloading would rebuild the survivors with their new indices (LNS 1/sqrt(i+1), DeepNorm's alpha from L).
+    # Reloading would rebuild the survivors with DeepNorm's alpha from the new L. (LNS reads each layer's origin
+    # index from layer_origin, so a pruned LNS model saves: tests/test_program_layerwise.py.)
     pruned = drop_layers(tiny_model(preset), LAYERWISE_DROP)
     with pytest.raises(ValueError, match=rf"layer_origin=\[0, 2\] .* {field}="):
         pruned.save_pretrained(tmp_path)

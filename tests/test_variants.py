@@ -59,8 +59,9 @@ def test_capability_flags(field, name):
     assert bool(variant.drop_hazard) == (not variant.drop_safe)
 
 
-def test_layernorm_scaling_is_a_depth_dependent_variant_selected_by_its_switch():
-    assert LayerNormScaling.depth_dependent and LayerNormScaling.depth_dependence
+def test_layernorm_scaling_is_a_variant_selected_by_its_switch_and_not_depth_dependent():
+    # It scales by each layer's origin index (layer_origin), which programs and pruning preserve.
+    assert not LayerNormScaling.depth_dependent and LayerNormScaling.drop_safe and LayerNormScaling.repeat_safe
     assert LayerNormScaling in selected_variants(ModelConfig.from_preset("lns"))
     assert LayerNormScaling not in selected_variants(ModelConfig.from_preset("pre-rmsnorm"))
 

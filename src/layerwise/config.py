@@ -96,12 +96,16 @@ class ModelConfig(PreTrainedConfig):
     value_residual_gate: str = "relu"  # satformer gate: relu | sigmoid | tanh | identity
     value_residual_last_k: int | None = None  # only the last k layers read layer 0's values
 
-    # Provenance written by `layerwise.transform.drop_layers` before `layer_origin` replaced it: the 0-based
-    # indices (in the original model) of the layers deleted from this one; still read from old configs.
+    # Legacy provenance (configs written before layer programs): the 0-based indices, in the original model, of
+    # the layers deleted from this one. Still read: at construction it becomes `layer_origin` when that is unset.
     layerwise_dropped_layers: list[int] | None = None
-    # Layer programs (`layerwise.transform`, step `layers=`): for each execution position, the stored layer it
-    # runs (None: position i runs stored layer i), and the index in the original model of the layer each
-    # position runs (None: never reshaped). n_layers counts execution positions.
+    # Layer programs (`layerwise.transform`, steps `layers=` and `drop=`). `n_layers` counts execution positions:
+    # it sizes the KV cache (one slot per position), the AttnRes mixers and the value-residual parameters.
+    # `layer_order[p]` is the stored layer that position p runs (None: position p runs stored layer p). The
+    # stored layers are 0..max(layer_order), each run at least once; a layer run at several positions is one
+    # set of weights (tied), held once in the state dict. `layer_origin[p]` is the index, in the original
+    # model, of the layer position p runs (None: never reshaped). LayerNorm Scaling scales a layer by its
+    # origin index (its stored index when never reshaped), so a program never changes what a layer computes.
     layer_order: list[int] | None = None
     layer_origin: list[int] | None = None
     # Provenance, written by `layerwise.transform.apply`: the steps applied, in order, and the model they read.
@@ -124,6 +128,9 @@ class ModelConfig(PreTrainedConfig):
             self.head_dim = self.d_model // self.n_heads if self.d_model % self.n_heads == 0 else None
         if self.d_ff is None:
             self.d_ff = default_d_ff(self.d_model, self.mlp)
+        if self.layer_origin is None and self.layerwise_dropped_layers and isinstance(self.n_layers, int):
+            dropped = set(self.layerwise_dropped_layers)
+            self.layer_origin = [i for i in range(self.n_layers + len(dropped)) if i not in dropped]
         super().__post_init__(**kwargs)
         self.validate()
 
@@ -134,7 +141,31 @@ class ModelConfig(PreTrainedConfig):
         validate_config(self)
         if self.layerwise_dropped_layers or (self.layer_origin is not None
                                              and list(self.layer_origin) != list(range(len(self.layer_origin)))):
-            _check_rebuildable_after_pruning(self)
+            _check_rebuildable_after_reshaping(self)
+
+    # ---- layer programs -------------------------------------------------------------------------------------
+
+    @property
+    def execution_order(self) -> list[int]:
+        """For each execution position, the stored layer it runs (`layer_order`, or 0..n_layers-1)."""
+        return list(self.layer_order) if self.layer_order is not None else list(range(self.n_layers))
+
+    @property
+    def n_stored_layers(self) -> int:
+        """How many distinct layers hold weights: fewer than `n_layers` when a layer runs at several positions."""
+        return max(self.layer_order) + 1 if self.layer_order is not None else self.n_layers
+
+    def first_position(self, stored: int) -> int:
+        """The first execution position that runs stored layer `stored`."""
+        return self.execution_order.index(stored)
+
+    def depth_index(self, stored: int) -> int:
+        """The index LayerNorm Scaling reads for stored layer `stored`: its index in the original model (the
+        origin of a position that runs it), else its stored index. A program that drops, repeats or reorders
+        layers therefore leaves each layer's scale, and a saved program reloads exactly."""
+        if self.layer_origin is None:
+            return stored
+        return self.layer_origin[self.first_position(stored)]
 
     # ---- construction helpers -------------------------------------------------------------------------------
 
@@ -170,22 +201,21 @@ class ModelConfig(PreTrainedConfig):
         return super().from_dict(config_dict, **kwargs)
 
 
-def _check_rebuildable_after_pruning(cfg: ModelConfig) -> None:
-    """A pruned model is rebuilt from its config with its layers renumbered 0..n-1, so a layer whose math
-    depends on its own index or on the model's depth would come back different. Runs at save and at load, so
-    such a checkpoint is never written or read silently wrong."""
+def _check_rebuildable_after_reshaping(cfg: ModelConfig) -> None:
+    """A reshaped model (pruned or reprogrammed: `layer_origin` set) is rebuilt from its config at its new
+    positions, so a variant whose math depends on a layer's position or on the model's depth would come back
+    different. Runs at save and at load, so such a checkpoint is never written or read silently wrong."""
     from .nn.registry import selected_variants
 
-    reshaped = (f"layer_origin={cfg.layer_origin}" if cfg.layer_origin is not None
+    recorded = (f"layer_origin={cfg.layer_origin}" if cfg.layer_origin is not None
                 else f"layerwise_dropped_layers={cfg.layerwise_dropped_layers}")
     for variant in selected_variants(cfg):
         if variant.depth_dependent:
             field = variant.selector_field
             raise UserError(
-                f"ModelConfig.{reshaped} cannot be combined with "
-                f"{field}={getattr(cfg, field)!r}: it {variant.depth_dependence}, and a pruned model is rebuilt "
-                "with its surviving layers renumbered; use the pruned model in memory, or prune a model without "
-                "depth-dependent layers"
+                f"ModelConfig.{recorded} cannot be combined with {field}={getattr(cfg, field)!r}: it "
+                f"{variant.depth_dependence}, and a reshaped model is rebuilt with its layers at their new "
+                "positions; use the reshaped model in memory, or reshape a model without depth-dependent layers"
             )
 
 

@@ -73,7 +73,9 @@ class LayerwiseModel(LayerwisePreTrainedModel):
             nn.Parameter(torch.full((1,), math.sqrt(config.d_model))) if config.embedding_scale else None
         )
         self.embedding_norm = build_norm(config, "embedding") if config.embedding_norm else None
-        self.layers = nn.ModuleList(build_layer(config, i) for i in range(config.n_layers))
+        # The stored layers, each once (so the state dict and the optimizer see every weight once); `positions`
+        # says which one each execution position runs.
+        self.layers = nn.ModuleList(build_layer(config, i) for i in range(config.n_stored_layers))
         self.residual = build_residual(config)
         self.value_residual = build_value_residual(config)
         self.norm = build_norm(config, "final")
@@ -87,10 +89,18 @@ class LayerwiseModel(LayerwisePreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    @property
+    def positions(self) -> list[nn.Module] | nn.ModuleList:
+        """The layer each execution position runs, in order: `layers` itself without a layer program, else
+        `layers[layer_order[p]]` for each position p (a tied layer appears once per position it runs at)."""
+        if self.config.layer_order is None:
+            return self.layers
+        return [self.layers[stored] for stored in self.config.layer_order]
+
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
         h, ctx = self.embed(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache)
-        h = self.residual(h, self.layers, ctx)
+        h = self.residual(h, self.positions, ctx)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(self.hook_final_norm_in(h)),
                                        past_key_values=ctx.cache)
 

@@ -50,6 +50,47 @@ def validate_config(cfg) -> None:
     if cfg.value_residual_last_k is not None and not 1 <= cfg.value_residual_last_k <= cfg.n_layers - 1:
         fail("value_residual_last_k", cfg.value_residual_last_k, f"must be in 1..{cfg.n_layers - 1} (or None)")
 
+    _validate_layer_program(cfg)
+
     # Rules that belong to a variant (AttnRes needs an additive placement, BHyT's parallel form needs Pre-LN,
     # ...) live on its class; fields that only unselected variants read warn that they have no effect.
     validate_variants(cfg)
+
+
+def _index_list(cfg, field: str) -> list[int] | None:
+    values = getattr(cfg, field)
+    if values is None:
+        return None
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                         for v in values):
+        fail(field, values, "must be a list of non-negative integers, one per execution position (or None)")
+    if len(values) != cfg.n_layers:
+        fail(field, values, f"has {len(values)} entries but n_layers={cfg.n_layers} counts the execution positions; "
+             "give one entry per position")
+    return list(values)
+
+
+def _validate_layer_program(cfg) -> None:
+    """layer_order lists the stored layer of each position: stored layers 0..max, each run at least once, and
+    a stored layer is one set of weights, so every position that runs it must lay it out and scale it alike."""
+    from .nn.placement import PLACEMENTS
+
+    order, origin = _index_list(cfg, "layer_order"), _index_list(cfg, "layer_origin")
+    if order is None:
+        return
+    unused = sorted(set(range(max(order) + 1)) - set(order))
+    if unused:
+        fail("layer_order", order, f"never runs stored layer(s) {unused}; stored layers are 0..max(layer_order) and "
+             "each must run at least once (renumber them)")
+    placement = PLACEMENTS.get(cfg.norm_placement)()
+    first: dict[int, int] = {}
+    for position, stored in enumerate(order):
+        p = first.setdefault(stored, position)
+        if p == position:
+            continue
+        if origin is not None and origin[p] != origin[position]:
+            fail("layer_origin", origin, f"gives positions {p} and {position} different origins, but layer_order "
+                 f"runs stored layer {stored} at both; one stored layer has one origin")
+        if placement.layout(cfg, p) != placement.layout(cfg, position):
+            fail("layer_order", order, f"runs stored layer {stored} at positions {p} and {position}, which "
+                 f"norm_placement={cfg.norm_placement!r} lays out differently; tie only layers of one layout")

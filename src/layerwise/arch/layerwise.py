@@ -12,13 +12,15 @@ def _present(module: nn.Module | None) -> bool:
     return module is not None and not isinstance(module, nn.Identity)
 
 
-def _value_gate(model: nn.Module, layer_idx: int) -> tuple[nn.Module, ...]:
-    """SATFormer's W_alpha of a layer: it reads the attention input, so it reads the attention-input norm."""
+def _value_gate(model: nn.Module, stored: int) -> tuple[nn.Module, ...]:
+    """SATFormer's W_alpha of every position that runs stored layer `stored`: a gate reads the attention
+    input, so it reads the attention-input norm. Gates are per position; a tied layer has one per run."""
     gates = getattr(model.model.value_residual, "gates", None)
     if gates is None:
         return ()
     first = model.model.value_residual.first_mixed_layer
-    return (gates[layer_idx - first],) if layer_idx >= first else ()
+    runs = [p for p, k in enumerate(model.config.execution_order) if k == stored]
+    return tuple(gates[p - first] for p in runs if p >= first)
 
 
 def _sublayer_norms(kind: str, sub: nn.Module, readers: tuple[nn.Module, ...]) -> list[NormSite]:
@@ -54,6 +56,7 @@ def _attention(layer: nn.Module) -> nn.Module:
 
 
 def layerwise_model_map(model: nn.Module) -> ModelMap:
+    """Layers are the stored layers, each once (a norm of a tied layer is one module, folded once)."""
     inner = model.model
     layers = tuple(_layer_map(model, i, layer) for i, layer in enumerate(inner.layers))
     extra = []
@@ -68,6 +71,7 @@ def layerwise_model_map(model: nn.Module) -> ModelMap:
 
 
 def layerwise_depth_view(model: nn.Module) -> DepthView:
+    """Layers are the execution positions (`LayerwiseModel.positions`): a tied layer appears at each position."""
     inner = model.model
-    return DepthView("layerwise", inner.layers, inner.norm, model.lm_head, inner.embed_tokens,
+    return DepthView("layerwise", inner.positions, inner.norm, model.lm_head, inner.embed_tokens,
                      mid_residual=_mid_residual, attention=_attention)

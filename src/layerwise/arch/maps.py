@@ -82,7 +82,7 @@ class ModelMap:
 @dataclass
 class DepthView:
     family: str
-    layers: nn.ModuleList
+    layers: nn.ModuleList | list[nn.Module]  # one per execution position (a tied layer appears at each)
     final_norm: nn.Module
     head: nn.Module
     embed: nn.Module

@@ -146,8 +146,15 @@ def _causal_attention_entropy(attn, q: torch.Tensor, k: torch.Tensor) -> torch.T
 
 def layerwise_trace(model, ids: torch.Tensor, entropy: bool = True) -> DepthTrace:
     inner = model.model
-    scheme, layers = inner.residual, inner.layers
+    scheme, layers = inner.residual, inner.positions
     L = len(layers)
+    order = inner.config.execution_order
+
+    def at(p: int, point: str) -> torch.Tensor:
+        # Hook points are named by stored layer; a tied layer's points fire once per position it runs at.
+        k = order[p]
+        return seen.calls(f"model.layers.{k}.{point}")[order[:p].count(k)]
+
     names = ["model.layers.*.hook_in", "model.layers.*.hook_out"]
     if entropy:
         names += ["model.layers.*.attn.fn.hook_q", "model.layers.*.attn.fn.hook_k"]
@@ -158,13 +165,12 @@ def layerwise_trace(model, ids: torch.Tensor, entropy: bool = True) -> DepthTrac
             states.append(scheme.step(states[-1], i, layer, ctx))
     hidden = [scheme.readout(state) for state in states]
     logits = at_least_float32(model.lm_head(inner.norm(hidden[-1])))
-    sublayers = [SublayerIO(*(seen[f"model.layers.{i}.{point}"]
-                              for point in ("attn.hook_in", "attn.hook_out", "mlp.hook_in", "mlp.hook_out")))
-                 for i in range(L)]
+    points = ("attn.hook_in", "attn.hook_out", "mlp.hook_in", "mlp.hook_out")
+    sublayers = [SublayerIO(*(at(i, point) for point in points)) for i in range(L)]
     entropies = None
     if entropy:
-        entropies = torch.stack([_causal_attention_entropy(layers[i].attn.fn, seen[f"model.layers.{i}.attn.fn.hook_q"],
-                                                           seen[f"model.layers.{i}.attn.fn.hook_k"])
+        entropies = torch.stack([_causal_attention_entropy(layers[i].attn.fn, at(i, "attn.fn.hook_q"),
+                                                           at(i, "attn.fn.hook_k"))
                                  for i in range(L)])
 
     def resume(first: int, count: int) -> list[torch.Tensor]:

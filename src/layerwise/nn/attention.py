@@ -23,6 +23,9 @@ class ForwardContext:
     cache: Any = None  # a transformers Cache, or None
     value_residual: Any = None  # the model's value-residual module
     v_first: torch.Tensor | None = None  # layer 0's raw values, set by layer 0 when a value residual is on
+    # The execution position of the layer running now, set by the residual scheme before each layer: its
+    # KV-cache slot and its value-residual index. A layer program runs one stored layer at several positions.
+    position: int | None = None
     extras: dict = field(default_factory=dict)
 
 
@@ -73,16 +76,17 @@ class CausalSelfAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        position = self.layer_idx if ctx.position is None else ctx.position
         if ctx.value_residual is not None:
             # Mixed before the cache update, so the cache holds V' and decoding matches a full forward.
-            v = ctx.value_residual(self.layer_idx, v, x, ctx)
+            v = ctx.value_residual(position, v, x, ctx)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if ctx.rope is not None:
             q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
         if ctx.cache is not None:
-            k, v = ctx.cache.update(k, v, self.layer_idx)
+            k, v = ctx.cache.update(k, v, position)
         q, k = self.hook_q(q), self.hook_k(k)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=ctx.attn_mask, is_causal=ctx.is_causal and ctx.attn_mask is None,

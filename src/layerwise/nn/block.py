@@ -47,15 +47,21 @@ class Sublayer(nn.Module):
 
 
 class Layer(nn.Module):
-    """Layer i: attention then MLP, with norms and scaling from the config's placement."""
+    """Stored layer i: attention then MLP, with norms and scaling from the config's placement.
+
+    Under a layer program (`ModelConfig.layer_order`) one stored layer may run at several execution positions;
+    the residual scheme tells it the position it runs at (`ctx.position`: its KV-cache slot). `layer_idx` is
+    its first position, the slot it uses when run outside a scheme.
+    """
 
     def __init__(self, cfg, layer_idx: int):
         super().__init__()
-        self.layer_idx = layer_idx
-        layout = layer_layouts(cfg)[layer_idx]
-        # LNS scales only norms that feed a sublayer (pre-sublayer norms); post-add layers have none.
-        scale = lns_scale(layer_idx) if cfg.layernorm_scaling and layout.norm_in else 1.0
-        self.attn = self._sublayer(cfg, CausalSelfAttention(cfg, layer_idx), layout, "attn", scale)
+        self.layer_idx = position = cfg.first_position(layer_idx)
+        layout = layer_layouts(cfg)[position]
+        # LNS scales only norms that feed a sublayer (pre-sublayer norms); post-add layers have none. The index
+        # is the layer's origin, so a dropped, repeated or reordered layer keeps its scale.
+        scale = lns_scale(cfg.depth_index(layer_idx)) if cfg.layernorm_scaling and layout.norm_in else 1.0
+        self.attn = self._sublayer(cfg, CausalSelfAttention(cfg, position), layout, "attn", scale)
         self.mlp = self._sublayer(cfg, build_mlp(cfg), layout, "mlp", scale)
 
     @staticmethod

@@ -277,8 +277,9 @@ class LayerNormScaling(Variant):
     kind = "depth scaling"
     selector_field = "layernorm_scaling"
     registered_name = "layernorm_scaling"
-    depth_dependent = True
-    depth_dependence = "scales layer i by 1/sqrt(i+1)"
+    # Layer i's scale 1/sqrt(i+1) reads i = the layer's index in the original model (`ModelConfig.depth_index`),
+    # recorded in `layer_origin`, so a dropped, repeated or reordered LNS layer rebuilds with its own scale.
+    depth_dependent = False
 
     @classmethod
     def validate(cls, cfg):

@@ -1,8 +1,9 @@
 """Residual schemes: how sublayer outputs flow along depth. Selected by `ModelConfig.residual`.
 
 A scheme threads a *depth state* through the layers: `start(h)` from the embedding output, `step(state, i,
-layer, ctx)` for layer i, and `readout(state)`, the hidden state the final norm would read if the layers
-stopped here. `forward` is just that loop. The state is what must be kept to continue from layer i: the
+layer, ctx)` for the layer at execution position i (which it records as `ctx.position`, the layer's KV-cache
+slot: under a layer program one stored layer runs at several positions), and `readout(state)`, the hidden
+state the final norm would read if the layers stopped here. `forward` is just that loop. The state is what must be kept to continue from layer i: the
 stream h for the standard scheme, the list of depth sources under AttnRes. Steps never modify a state in
 place, so diagnostics can cache every layer's state and resume from any of them with layers skipped.
 
@@ -87,6 +88,7 @@ class ResidualScheme(Variant, nn.Module):
         return state
 
     def forward(self, h, layers, ctx):
+        """`layers`: the layer of each execution position, in order (`LayerwiseModel.positions`)."""
         state = self.start(h)
         for i, layer in enumerate(layers):
             state = self.step(state, i, layer, ctx)
@@ -101,6 +103,7 @@ class StandardResidual(ResidualScheme):
         super().__init__()
 
     def step(self, h, i, layer, ctx):
+        ctx.position = i
         return layer(h, ctx)
 
 
@@ -163,6 +166,7 @@ class BlockAttnRes(DepthRoutedScheme):
         return [], h  # (completed block sums, partial sum); the first boundary records the embedding as b_0
 
     def step(self, state, i, layer, ctx):
+        ctx.position = i
         blocks, partial = state
         for j, sub in ((2 * i, layer.attn), (2 * i + 1, layer.mlp)):
             x = self.mixers[j](blocks + [partial])
@@ -209,6 +213,7 @@ class DeltaAttnRes(DepthRoutedScheme):
         return h, []  # (stream, sources)
 
     def step(self, state, i, layer, ctx):
+        ctx.position = i
         h, sources = state
         for j, sub in ((2 * i, layer.attn), (2 * i + 1, layer.mlp)):
             x = h + self.mixers[j - 1](sources) if sources else h
@@ -252,6 +257,7 @@ class DeltaBlockAttnRes(DepthRoutedScheme):
         return h, [], None  # (stream, sources, stream at the current block's start)
 
     def step(self, state, i, layer, ctx):
+        ctx.position = i
         h, sources, block_start = state
         for is_attention, j, sub in ((True, 2 * i, layer.attn), (False, 2 * i + 1, layer.mlp)):
             x = h + self.mixers[j - 1](sources) if sources else h

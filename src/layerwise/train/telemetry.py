@@ -46,7 +46,12 @@ def measure_depth(model: nn.Module, input_ids: torch.Tensor, autocast_ctx) -> di
     was_training = inner.training
     inner.eval()
     decoder = inner.model
-    scheme, layers = decoder.residual, decoder.layers
+    scheme, layers = decoder.residual, decoder.positions
+    order = decoder.config.execution_order
+
+    def at(cache, p: int, point: str):
+        # Hook points are named by stored layer; a tied layer's points fire once per position it runs at.
+        return cache.calls(f"model.layers.{order[p]}.{point}")[order[:p].count(order[p])]
     mixers = [name for name in hook_points(inner) if name.endswith(".hook_weights")]
     boundary = {"hidden_rms": [], "hidden_var": [], "layer_contribution": []}
 
@@ -73,10 +78,10 @@ def measure_depth(model: nn.Module, input_ids: torch.Tensor, autocast_ctx) -> di
     rec = {name: torch.stack(values).tolist() for name, values in boundary.items()}
     for kind in ("attn", "mlp"):
         rec[f"{kind}_contribution"] = [
-            contribution(norms[f"model.layers.{i}.{kind}.hook_out"], norms[f"model.layers.{i}.{kind}.hook_in"])
+            contribution(at(norms, i, f"{kind}.hook_out"), at(norms, i, f"{kind}.hook_in"))
             .mean().item() for i in range(len(layers))]
     if mixers:
-        rec["routed_input_rms"] = [routed[f"model.layers.{i}.attn.hook_in"].mean().item() for i in range(len(layers))]
+        rec["routed_input_rms"] = [at(routed, i, "attn.hook_in").mean().item() for i in range(len(layers))]
         # The final mixer also ran at every boundary's readout above; its last call is the model's own output.
         rec["depth_weights"] = {name.removesuffix(".hook_weights"): weights.calls(name)[-1].tolist()
                                 for name in mixers}
