@@ -73,10 +73,14 @@ def parse_layer_program(text: str) -> LayerProgram:
 
 def original_layer_indices(config) -> list[int]:
     """For each current layer position, the index in the original (never transformed) model of the layer it
-    runs: `layer_origin` when a transform wrote it, else derived from an old config's dropped layers."""
+    runs: `layer_origin` when a transform wrote it; for a layerwise model built with tied layers, the stored
+    layer each position runs (its stored layers are the originals); else derived from an old config's dropped
+    layers."""
     origin = getattr(config, ORIGIN_KEY, None)
     if origin is not None:
         return list(origin)
+    if getattr(config, "layer_order", None) is not None:
+        return list(config.layer_order)
     dropped = set(getattr(config, DROPPED_LAYERS_KEY, None) or [])
     total = config.num_hidden_layers + len(dropped)
     return [i for i in range(total) if i not in dropped]
