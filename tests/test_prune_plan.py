@@ -70,7 +70,9 @@ def exhaustive_greedy(model, batches, n_remove):
 
 
 def assert_greedy_matches_exhaustive(model, batches, n_remove):
-    plan = plan_pruning(model, batches, n_remove, "greedy")
+    seen = []
+    plan = plan_pruning(model, batches, n_remove, "greedy", on_round=lambda k, r: seen.append((k, r)))
+    assert seen == list(enumerate(plan.rounds, start=1))
     reference = exhaustive_greedy(model, batches, n_remove)
     assert [r.removed for r in plan.rounds] == [[best] for best, _ in reference]
     for measured, (_, losses) in zip(plan.rounds, reference):

@@ -17,7 +17,7 @@ model `layerwise.transform.drop_layers` accepts; nothing here rebuilds or change
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -74,11 +74,14 @@ def check_prune_request(strategy: str, n_remove: int, n_layers: int | None = Non
 
 
 @torch.no_grad()
-def plan_pruning(model, batches: Sequence[torch.Tensor], n_remove: int, strategy: str) -> PrunePlan:
+def plan_pruning(model, batches: Sequence[torch.Tensor], n_remove: int, strategy: str,
+                 on_round: Callable[[int, PruneRound], None] | None = None) -> PrunePlan:
     """Choose `n_remove` layers of `model` to remove by `strategy` on `batches` of token ids [B, T].
 
-    `batches` is read once per round (greedy: `n_remove` times, plus once for the full loss), one batch's trace
-    in memory at a time. Example: `plan_pruning(model, list(token_batches(ids, 512, 2, 4096)), 4, "greedy")`.
+    `batches` is read twice by the one-shot strategies and `n_remove` times by greedy, one batch's trace in
+    memory at a time; `on_round(k, round)` sees greedy round k (from 1) as it ends (each takes minutes on a
+    real model).
+    Example: `plan_pruning(model, list(token_batches(ids, 512, 2, 4096)), 4, "greedy")`.
     """
     view = depth_view(model)
     L = len(view.layers)
@@ -109,6 +112,8 @@ def plan_pruning(model, batches: Sequence[torch.Tensor], n_remove: int, strategy
             removed = sorted(removed + [remaining[best]])
             pruned = losses[best]
             rounds.append(PruneRound("loss", [((i,), loss) for i, loss in zip(remaining, losses)], [remaining[best]]))
+            if on_round is not None:
+                on_round(len(rounds), rounds[-1])
     return PrunePlan(strategy, n_remove, L, removed, full, pruned, tokens, rounds)
 
 

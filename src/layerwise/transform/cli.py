@@ -105,8 +105,11 @@ def _plan(net, tokenizer, remove, strategy, data, tokens, seq_len, batch_size) -
     _check_prunable(net)  # before minutes of measuring, not after
     batches = list(token_batches(load_tokens(data, tokenizer, tokens), seq_len, batch_size, tokens))
     n_tokens = sum(b.numel() for b in batches)
+    def say(k: int, chosen) -> None:
+        console.print(f"round {k}: removed layer {chosen.removed[0]} (loss {min(v for _, v in chosen.candidates):.4f})")
+
     with console.status(f"{strategy}: choosing {remove} layers on {n_tokens:,} calibration tokens ..."):
-        plan = plan_pruning(net, batches, remove, strategy)
+        plan = plan_pruning(net, batches, remove, strategy, on_round=say)
     originals = original_layer_indices(net.config)
     table = Table(title=f"{strategy}: {remove} of {plan.n_layers} layers, {n_tokens:,} tokens "
                         f"(loss {plan.full_loss:.4f} -> {plan.pruned_loss:.4f})")
