@@ -128,6 +128,25 @@ def _refuse_new_weights(where: Path, info: dict) -> None:
                         "loading would initialise them at random. Pass a complete causal-LM checkpoint")
 
 
+def forget_dequantized_gguf(model, where: str = "the model") -> None:
+    """Drop the GGUF quantizer a model read from a .gguf file keeps: `save_pretrained` refuses a quantized
+    model, but on CPU its weights were de-quantized to floats at load, so the quantizer is only bookkeeping.
+    Refuses (naming `where`) a model still holding packed weights (GPU GGUF kernels keep uint8 blocks) and any
+    other quantization, which cannot be written as a float checkpoint."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    method = getattr(getattr(model.config, "quantization_config", None), "quant_method", None)
+    if str(getattr(method, "value", method)) != "gguf":
+        raise UserError(f"{where}: quantized with {method}; only GGUF models loaded as floats can be written as "
+                        "float checkpoints")
+    packed = [name for name, weight in model.named_parameters() if not weight.is_floating_point()]
+    if packed:
+        raise UserError(f"{where}: the GGUF model still holds packed weights ({', '.join(packed[:3])}, ...); load "
+                        "it de-quantized (on CPU, or with GgufConfig(dequantize=True))")
+    quantizer.remove_quantization_config(model)
+
+
 def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [""])[0][:200]
 

@@ -3,7 +3,8 @@
 A trace holds, for one batch of token ids, the hidden states h_0..h_L at the layer boundaries (h_l enters
 layer l, h_{l+1} leaves it; nothing final-normed), what each sublayer read and added, the logits, each
 layer's attention entropy, and `resume(first, count)`: the boundary states that follow when layers
-first..first+count-1 are skipped, computed by running only the layers after the gap from the cached state.
+first..first+count-1 are skipped, computed by running only the layers after the gap from the cached state;
+`resume_skipping(layers)` does the same for any set of skipped layers (greedy pruning skips several apart).
 
 Two ways to build one:
   Hugging Face families  forward hooks record each decoder layer's call (input, other arguments) and output;
@@ -23,7 +24,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Collection
 
 import torch
 
@@ -49,6 +50,8 @@ class DepthTrace:
     sublayers: list[SublayerIO] | None  # None where a layer has no mid-point (parallel attention + MLP)
     attention_entropy: torch.Tensor | None  # [L]: sum over batch and positions of the head-mean entropy (nats)
     resume: Callable[[int, int], list[torch.Tensor]]  # (first, count) -> h'_{first+count}, ..., h'_L
+    # (skipped layers) -> h_first, then h' after each later layer that runs, ending with h'_L (first = min skipped)
+    resume_skipping: Callable[[Collection[int]], list[torch.Tensor]]
 
 
 def attention_entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -123,15 +126,17 @@ def hf_trace(model, view: DepthView, ids: torch.Tensor, entropy: bool = True) ->
         sublayers = [SublayerIO(hidden[i], rec.mids[i] - hidden[i], rec.mids[i], hidden[i + 1] - rec.mids[i])
                      for i in range(L)]
 
-    def resume(first: int, count: int) -> list[torch.Tensor]:
+    def resume_skipping(skipped: Collection[int]) -> list[torch.Tensor]:
+        first = min(skipped)
         h, out = hidden[first], [hidden[first]]
-        for j in range(first + count, L):
-            h = rec.rerun(j, h)
-            out.append(h)
+        for j in range(first + 1, L):
+            if j not in skipped:
+                h = rec.rerun(j, h)
+                out.append(h)
         return out
 
     entropies = torch.stack([rec.entropies[i] for i in range(L)]) if entropy else None
-    return DepthTrace(hidden, logits, sublayers, entropies, resume)
+    return DepthTrace(hidden, logits, sublayers, entropies, _contiguous(resume_skipping), resume_skipping)
 
 
 def _causal_attention_entropy(attn, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -173,14 +178,21 @@ def layerwise_trace(model, ids: torch.Tensor, entropy: bool = True) -> DepthTrac
                                                            at(i, "attn.fn.hook_k"))
                                  for i in range(L)])
 
-    def resume(first: int, count: int) -> list[torch.Tensor]:
+    def resume_skipping(skipped: Collection[int]) -> list[torch.Tensor]:
+        first = min(skipped)
         state, out = states[first], [hidden[first]]
-        for j in range(first + count, L):
-            state = scheme.step(state, j, layers[j], ctx)
-            out.append(scheme.readout(state))
+        for j in range(first + 1, L):
+            if j not in skipped:
+                state = scheme.step(state, j, layers[j], ctx)
+                out.append(scheme.readout(state))
         return out
 
-    return DepthTrace(hidden, logits, sublayers, entropies, resume)
+    return DepthTrace(hidden, logits, sublayers, entropies, _contiguous(resume_skipping), resume_skipping)
+
+
+def _contiguous(resume_skipping):
+    """`resume(first, count)`: the span first..first+count-1 as one case of `resume_skipping`."""
+    return lambda first, count: resume_skipping(range(first, first + count))
 
 
 def trace(model, view: DepthView, ids: torch.Tensor, entropy: bool = True) -> DepthTrace:

@@ -67,7 +67,7 @@ def open_init_model(path: str | Path) -> InitModel:
     """The model at `path` in float32 and in training mode, its tokenizer and its fingerprint."""
     import torch
 
-    from ..loading import load_model
+    from ..loading import forget_dequantized_gguf, load_model
 
     path = Path(path)
     try:
@@ -76,23 +76,12 @@ def open_init_model(path: str | Path) -> InitModel:
         raise UserError(f"TrainConfig.init_from={str(path)!r}: {err}") from None
     model.train()  # from_pretrained returns eval mode, which would switch dropout off while training
     if getattr(model, "hf_quantizer", None) is not None:
-        _drop_quantizer(path, model)
+        forget_dequantized_gguf(model, f"TrainConfig.init_from={str(path)!r}")
     backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer is not None else None
     if tokenizer is not None and backend is None:
         raise UserError(f"TrainConfig.init_from={str(path)!r}: its tokenizer ({type(tokenizer).__name__}) has no "
                         "tokenizer.json form; save the model with a fast tokenizer (tokenizer.json) next to it")
     return InitModel(model, backend, fingerprint(path))
-
-
-def _drop_quantizer(path: Path, model: nn.Module) -> None:
-    """A model read from a GGUF file keeps its quantizer, which makes `save_pretrained` (every checkpoint)
-    refuse; on CPU its weights are already de-quantized floats, so the quantizer is only bookkeeping."""
-    packed = [name for name, weight in model.named_parameters() if not weight.is_floating_point()]
-    if packed:
-        raise UserError(f"TrainConfig.init_from={str(path)!r}: the model holds packed quantized weights "
-                        f"({', '.join(packed[:3])}); training needs float weights: load it on CPU or save it as "
-                        "an HF folder first (`layerwise transform MODEL --out DIR`)")
-    model.hf_quantizer.remove_quantization_config(model)
 
 
 def check_vocabulary(init: InitModel, data_vocab: int | None = None, data: str = "") -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -9,48 +10,121 @@ import typer
 from rich.console import Console
 
 from ..cli_options import MODEL, out_option
+from ..errors import UserError
 
 console = Console()
+PLAN_FILE = "prune_plan.json"
 
 
 def prune_command(
     model: str = MODEL,
-    drop: str = typer.Option(..., "--drop", help="Layers to delete, 0-based, as a comma list with INCLUSIVE "
-                                                 "ranges: 14,20-23 deletes layers 14, 20, 21, 22 and 23."),
-    out: Path = out_option(..., "the pruned model (safetensors) and its tokenizer"),
+    drop: Optional[str] = typer.Option(None, "--drop", help="Layers to delete, 0-based, as a comma list with "
+                                                            "INCLUSIVE ranges: 14,20-23 deletes layers 14, 20, 21, "
+                                                            "22 and 23."),
+    remove: Optional[int] = typer.Option(None, "--remove", help="Number of layers to delete, chosen by --strategy "
+                                                                "on calibration text (instead of --drop)."),
+    strategy: Optional[str] = typer.Option(None, "--strategy", help="How --remove chooses: angular (Gromov et al.: "
+                                           "the N-layer span whose input and output are closest in angle at the "
+                                           "last token), removal (the N layers cheapest to remove one at a time), "
+                                           "greedy (SLEB: remove the cheapest layer, re-measure, repeat)."),
+    data: Optional[str] = typer.Option(None, help="Calibration text file or token shard (.bin); default: embedded "
+                                                  "Shakespeare."),
+    tokens: int = typer.Option(4096, help="Calibration tokens."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration sequence."),
+    batch_size: int = typer.Option(2, "--batch-size", help="Sequences per forward."),
+    out: Path = out_option(..., "the pruned model (safetensors), its tokenizer and, with --remove, prune_plan.json"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it is not empty (the new model "
                                                              "is written whole first)."),
 ):
     """Delete decoder layers and save a normal model: it loads with from_pretrained and generates with a cache.
 
-    Layer indices count from 0 (layer 0 is the first decoder layer after the embedding) and a range a-b includes
-    both a and b, unlike mergekit's end-exclusive layer_range. The saved config.json lists, under layer_origin,
-    the original index of each layer that remains.
+    Either name the layers (--drop) or let a strategy choose --remove N of them on calibration text; the
+    choice, every loss it measured, and the full and pruned model's calibration loss go to prune_plan.json in
+    --out. Layer indices count from 0 (layer 0 is the first decoder layer after the embedding) and a range a-b
+    includes both a and b, unlike mergekit's end-exclusive layer_range. The saved config.json lists, under
+    layer_origin, the original index of each layer that remains.
 
-    Example: layerwise prune path/to/SmolLM2-135M-Instruct.Q4_1.gguf --drop 14,20-23 --out runs/smollm2-25l
+    Examples: layerwise prune path/to/SmolLM2-135M-Instruct.Q4_1.gguf --drop 14,20-23 --out runs/smollm2-25l
+    layerwise prune path/to/SmolLM2-135M-Instruct.Q4_1.gguf --remove 4 --strategy greedy --out runs/smollm2-sleb4
     """
-    from ..loading import load_model
+    from ..loading import check_token_windows, load_model
     from ..outputs import check_model_destination
-    from .prune import drop_layers, original_layer_indices, parse_layer_list, save_transformed
+    from .prune import drop_layers, original_layer_indices, parse_layer_list
+    from .save import save_transformed
 
-    try:
-        layers = parse_layer_list(drop)
-    except ValueError as err:
-        raise typer.BadParameter(str(err), param_hint="--drop") from None
+    if (drop is None) == (remove is None):
+        raise UserError("give exactly one of --drop LIST (the layers to delete) and --remove N (how many a "
+                        "--strategy chooses)")
+    layers = None
+    if drop is not None:
+        if strategy is not None:
+            raise UserError("--strategy chooses layers for --remove; --drop names them itself, so drop --strategy")
+        try:
+            layers = parse_layer_list(drop)
+        except ValueError as err:
+            raise typer.BadParameter(str(err), param_hint="--drop") from None
+    else:
+        from ..diagnose.pruning import STRATEGIES, check_prune_request
+
+        if strategy is None:
+            raise UserError(f"--remove {remove} needs --strategy {'|'.join(STRATEGIES)}")
+        check_prune_request(strategy, remove)
+        check_token_windows(tokens, seq_len, batch_size)
     check_model_destination(out, overwrite, source=model)
     with console.status(f"loading {model} ..."):
         net, tokenizer = load_model(model)
     n_before = net.config.num_hidden_layers
     reshaped_before = original_layer_indices(net.config) != list(range(n_before))
+    plan = None
+    if layers is None:
+        plan = _plan(net, tokenizer, remove, strategy, data, tokens, seq_len, batch_size)
+        layers = plan["removed_layers"]
     drop_layers(net, layers)
+    extra = {PLAN_FILE: json.dumps({"model": str(model), **plan}, indent=1)} if plan is not None else {}
     with console.status(f"saving to {out} ..."):
-        save_transformed(net, tokenizer, out, overwrite)
+        save_transformed(net, tokenizer, out, overwrite, extra_files=extra)
     console.print(f"removed layers {', '.join(map(str, layers))} (0-based) of {n_before}; "
                   f"{net.config.num_hidden_layers} remain")
     if reshaped_before:  # the input was already transformed: say what it runs relative to the original
         console.print("layers of the original model it runs now: "
                       f"{', '.join(map(str, original_layer_indices(net.config)))}")
-    console.print(f"outputs: {out} (load with AutoModelForCausalLM.from_pretrained)")
+    plan_note = f", {out / PLAN_FILE}" if plan is not None else ""
+    console.print(f"outputs: {out} (load with AutoModelForCausalLM.from_pretrained){plan_note}")
+
+
+def _plan(net, tokenizer, remove, strategy, data, tokens, seq_len, batch_size) -> dict:
+    """Measure and choose the layers to remove; print the choice; the plan as prune_plan.json holds it."""
+    from rich.table import Table
+
+    from ..diagnose import depth_view
+    from ..diagnose.metrics import token_batches
+    from ..diagnose.pruning import check_prune_request, plan_pruning
+    from ..loading import load_tokens
+    from .program import check_reshapeable
+    from .prune import original_layer_indices
+
+    check_prune_request(strategy, remove, len(depth_view(net).layers))
+    check_reshapeable(net)  # before minutes of measuring, not after
+    batches = list(token_batches(load_tokens(data, tokenizer, tokens), seq_len, batch_size, tokens))
+    n_tokens = sum(b.numel() for b in batches)
+    def say(k: int, chosen) -> None:
+        console.print(f"round {k}: removed layer {chosen.removed[0]} (loss {min(v for _, v in chosen.candidates):.4f})")
+
+    with console.status(f"{strategy}: choosing {remove} layers on {n_tokens:,} calibration tokens ..."):
+        plan = plan_pruning(net, batches, remove, strategy, on_round=say)
+    originals = original_layer_indices(net.config)
+    table = Table(title=f"{strategy}: {remove} of {plan.n_layers} layers, {n_tokens:,} tokens "
+                        f"(loss {plan.full_loss:.4f} -> {plan.pruned_loss:.4f})")
+    for column in ("round", "removed", "measured", "value"):
+        table.add_column(column, justify="right")
+    for k, chosen in enumerate(plan.rounds):  # one row per removed layer or span, with what chose it
+        for layers, value in chosen.candidates:
+            if set(layers) <= set(chosen.removed):
+                table.add_row(str(k + 1), ", ".join(map(str, layers)), chosen.score, f"{value:.4f}")
+    console.print(table)
+    return {**plan.to_json(), "removed_original_layers": [originals[i] for i in plan.removed],
+            "calibration": {"data": data or "embedded Shakespeare", "tokens": n_tokens, "seq_len": seq_len,
+                            "batch_size": batch_size}}
 
 
 def transform_command(
@@ -101,4 +175,3 @@ def transform_command(
     done = f"applied {', '.join(map(str, parsed))}" if parsed else "no steps: saved as loaded"
     console.print(f"{done}: {n_before} -> {net.config.num_hidden_layers} layers")
     console.print(f"outputs: {out} (load with AutoModelForCausalLM.from_pretrained; README.md says how it was made)")
-

@@ -14,16 +14,14 @@ indices of the *original* model, so pruning twice composes.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 
 from torch import nn
 
 from ..arch import depth_view
-from ..errors import UserError
-from ..outputs import write_model_folder
 from .program import (DROPPED_LAYERS_KEY, PER_LAYER_CONFIG_LISTS, check_reshapeable, original_layer_indices,
                       program_layers, rebuild_stack)
-from .steps import Step, register_step, save_refusal
+from .save import save_transformed
+from .steps import Step, register_step
 
 __all__ = ["DROPPED_LAYERS_KEY", "PER_LAYER_CONFIG_LISTS", "drop_layers", "original_layer_indices",
            "parse_layer_list", "save_pruned", "save_transformed"]
@@ -86,43 +84,6 @@ def _validated_indices(layers: Iterable[int], n_layers: int) -> list[int]:
     if len(drop) == n_layers:
         raise ValueError(f"dropping all {n_layers} layers leaves no model; keep at least one of 0..{n_layers - 1}")
     return sorted(drop)
-
-
-def save_transformed(model: nn.Module, tokenizer, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write `model` (safetensors) and `tokenizer` (if not None) to `out_dir`, loadable with
-    `AutoModelForCausalLM.from_pretrained(out_dir)` or `layerwise.loading.load_model(out_dir)`.
-
-    The folder is written whole or not at all (`layerwise.outputs.write_model_folder`); a non-empty `out_dir`
-    is refused unless `overwrite`, so a model never ends up beside another model's or run's files.
-    A model read from a GGUF file carries GGUF quantization bookkeeping that `save_pretrained` refuses; when its
-    weights are already plain floats (GGUF tensors de-quantized at load), that bookkeeping is dropped from the
-    model first, so the saved folder is an ordinary float checkpoint. A model that a step marked unsaveable
-    (tied layers in an HF family) is refused before anything is written.
-    """
-    refusal = save_refusal(model)
-    if refusal is not None:
-        raise UserError(f"cannot save this model to {out_dir}: {refusal}")
-    if getattr(model, "hf_quantizer", None) is not None:
-        _forget_dequantized_gguf(model)
-
-    def save(folder: Path) -> None:
-        model.save_pretrained(folder)  # transformers 5 always writes safetensors
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
-    return write_model_folder(out_dir, save, overwrite)
-
-
-def _forget_dequantized_gguf(model: nn.Module) -> None:
-    method = getattr(getattr(model.config, "quantization_config", None), "quant_method", None)
-    if str(getattr(method, "value", method)) != "gguf":
-        raise ValueError(f"cannot save a model quantized with {method}: save_transformed writes float checkpoints "
-                         "only, and only GGUF models loaded as floats can be converted")
-    # Where a GGUF kernel exists (GPU), transformers keeps weights packed as uint8 blocks instead of floats.
-    packed = [name for name, weight in model.named_parameters() if not weight.is_floating_point()]
-    if packed:
-        raise ValueError(f"the GGUF model still holds packed weights ({', '.join(packed[:3])}, ...); load it "
-                         "de-quantized (on CPU, or with GgufConfig(dequantize=True)) before saving it as floats")
-    model.hf_quantizer.remove_quantization_config(model)
 
 
 save_pruned = save_transformed  # the name from before transform steps; pruning is one of them

@@ -7,30 +7,35 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import UserError
+from ..loading import forget_dequantized_gguf
 from ..outputs import write_model_folder
 from .card import model_card
 from .steps import save_refusal
 
 
-def save_transformed(model: nn.Module, tokenizer, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write `model`, `tokenizer` (if not None) and a README.md model card to `out_dir`, loadable with
-    `AutoModelForCausalLM.from_pretrained(out_dir)` (after `import layerwise` for layerwise models).
+def save_transformed(model: nn.Module, tokenizer, out_dir: str | Path, overwrite: bool = False,
+                     extra_files: dict[str, str] | None = None) -> Path:
+    """Write `model` (safetensors), `tokenizer` (if not None), a README.md model card and `extra_files`
+    ({name: text}, e.g. a prune plan) to `out_dir`, loadable with `AutoModelForCausalLM.from_pretrained(out_dir)`
+    (after `import layerwise` for layerwise models) or `layerwise.loading.load_model(out_dir)`.
 
     The folder is written whole or not at all (`layerwise.outputs.write_model_folder`); a non-empty `out_dir`
-    is refused unless `overwrite`. A model a step marked as unsaveable is refused before anything is written.
+    is refused unless `overwrite`, so a model never ends up beside another model's or run's files. A model read
+    from a GGUF file loses its quantization bookkeeping first (its weights are floats already), so the folder is
+    an ordinary float checkpoint. A model a step marked unsaveable (tied layers in an HF family) is refused
+    before anything is written.
     """
     why = save_refusal(model)
     if why is not None:
-        raise UserError(f"cannot save this model: {why}")
-    if getattr(model, "hf_quantizer", None) is not None:
-        from .prune import _forget_dequantized_gguf
-
-        _forget_dequantized_gguf(model)
+        raise UserError(f"cannot save this model to {out_dir}: {why}")
+    forget_dequantized_gguf(model, f"--out {out_dir}")
 
     def save(folder: Path) -> None:
         model.save_pretrained(folder)  # transformers 5 always writes safetensors
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         (folder / "README.md").write_text(model_card(model))
+        for name, text in (extra_files or {}).items():
+            (folder / name).write_text(text)
 
     return write_model_folder(out_dir, save, overwrite)
