@@ -8,7 +8,7 @@ set -euo pipefail
 OUT=${1:-runs/smollm2-reshape}
 LIMIT=${LIMIT:-500}
 REMOVE=${REMOVE:-"2 4 6 8"}
-CAL_TOKENS=${CAL_TOKENS:-4096}           # calibration text for the strategies: the embedded Shakespeare
+CAL_TOKENS=${CAL_TOKENS:-1024}           # calibration tokens for the strategies (2 windows of 512 of the embedded Shakespeare)
 HEAL_TOKENS=${HEAL_TOKENS:-32768}        # tokens of continued training for the healed 4-layer model
 PROGRAM=${PROGRAM:-"0-17,12-17,18-29"}   # layers 12-17 run twice: 36 positions from 30 layers
 TASKS=${TASKS:-lambada,hellaswag}
@@ -18,7 +18,11 @@ GGUF=$($PY -c "from layerwise.loading import smollm2_gguf; print(smollm2_gguf())
 mkdir -p "$OUT/models" "$OUT/eval"
 stamp() { date -u +%H:%M:%S; }
 done_or() { [ -f "$1" ] && echo "$(stamp) have $1" || "${@:2}"; }
-score() { done_or "$OUT/eval/$1/eval.json" $LW eval "$2" --tasks "$TASKS" --limit "$LIMIT" --out "$OUT/eval/$1" "${@:3}"; }
+# Scores go to eval/TASKS-LIMIT/NAME, so a second pass with other tasks or items adds to the first.
+score() {
+  local dir="$OUT/eval/${TASKS//,/+}-$LIMIT/$1"
+  done_or "$dir/eval.json" $LW eval "$2" --tasks "$TASKS" --limit "$LIMIT" --out "$dir" "${@:3}"
+}
 # The first N layers a plan removed, in the order it chose them (greedy rounds; removal by cost).
 first_removed() {
   $PY - "$1" "$2" <<'PY'

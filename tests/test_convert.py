@@ -210,7 +210,7 @@ def test_gpt2_dispatches_to_its_adapter_or_says_it_is_missing():
     (dict(), "to-hf=qwen2", "qkv_bias=False as qwen2"),
     (dict(bias=True, qk_norm=True), "to-hf=qwen3", "bias=True as qwen3"),
     (dict(qkv_bias=True), "to-hf=mistral", "qkv_bias=True as mistral"),
-    (dict(layer_order=[0, 1, 1]), "to-hf", "layer_order=.0, 1, 1. as llama"),
+    (dict(n_layers=3, layer_order=[0, 1, 1]), "to-hf", "layer_order=.0, 1, 1. as llama"),
 ])
 def test_to_hf_refuses_what_the_family_cannot_express_naming_the_field(fields, step, reason):
     from layerwise import ModelConfig
@@ -221,7 +221,7 @@ def test_to_hf_refuses_what_the_family_cannot_express_naming_the_field(fields, s
 
 class _Configured(torch.nn.Module):
     """A model stand-in with just a config: to-hf refuses in `check`, before it reads a weight (and a model
-    with a layer_order cannot be built before layer programs land)."""
+    stands in for any config the family cannot express)."""
 
     def __init__(self, config):
         super().__init__()

@@ -190,7 +190,7 @@ def test_prune_command_writes_the_model_and_a_plan_whose_pruned_loss_the_saved_m
     assert len(removed) == 2 and plan["removed_original_layers"] == removed
     assert f"removed layers {', '.join(map(str, removed))} (0-based) of 5; 3 remain" in result.output
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    assert loaded.config.layerwise_dropped_layers == removed
+    assert loaded.config.layer_origin == [i for i in range(5) if i not in removed]
     windows = torch.as_tensor(read_shard(shard)[0][:256].astype("int64")).reshape(4, 64)
     batches = [windows[:2], windows[2:]]
     assert plan["pruned_loss"] == pytest.approx(mean_loss(loaded, batches), rel=1e-5)

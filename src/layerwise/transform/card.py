@@ -29,7 +29,7 @@ def model_card(model: nn.Module) -> str:
     source = getattr(config, SOURCE_KEY, None) or "(not recorded)"
     n_params = sum(p.numel() for p in model.parameters())
     lines = [
-        f"# {family} model transformed by layerwise",
+        f"# A {family} model made by layerwise transforms",
         "",
         f"- source: `{source}`",
         f"- steps, in order: {', '.join(f'`{s}`' for s in steps) or '(none)'}",
