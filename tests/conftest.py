@@ -74,3 +74,28 @@ def corpus(tmp_path_factory) -> Path:
     from layerwise.data.build import build_corpus
 
     return build_corpus(["shakespeare"], tmp_path_factory.mktemp("data") / "shakespeare", vocab_size=512)
+
+
+# Small sliding windows for the families that have them (shorter than the test sequences), so a layer given the
+# wrong attention type after a transform changes the logits. Qwen keeps its full-attention layers (0, 1) first.
+ALTERNATING = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+SLIDING_WINDOWS = {
+    "gemma2": dict(layer_types=ALTERNATING, sliding_window=4),
+    "gemma3_text": dict(layer_types=ALTERNATING, sliding_window=4),
+    "qwen2": dict(use_sliding_window=True, sliding_window=4, max_window_layers=2),  # full, full, sliding, sliding
+    "qwen3": dict(use_sliding_window=True, sliding_window=4, max_window_layers=2),
+}
+
+
+@torch.no_grad()
+def full_logits(model, ids):
+    """Logits of a full forward without the KV cache."""
+    return model(input_ids=ids, use_cache=False).logits
+
+
+@torch.no_grad()
+def greedy_without_cache(model, ids, n_new):
+    """Greedy decoding by full forwards: what cached `generate` must reproduce."""
+    for _ in range(n_new):
+        ids = torch.cat([ids, full_logits(model, ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids

@@ -10,7 +10,7 @@ import conftest
 import pytest
 import torch
 import transformers
-from conftest import HF_FAMILIES, HF_SMALL
+from conftest import HF_FAMILIES, HF_SMALL, SLIDING_WINDOWS, full_logits, greedy_without_cache
 from torch import nn
 
 from layerwise.diagnose import depth_view
@@ -19,14 +19,6 @@ from layerwise.transform import (apply, drop_layers, original_layer_indices, par
                                  save_transformed)
 from layerwise.transform.prune import save_pruned
 
-ALTERNATING = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
-# A window shorter than the decoded sequences, so a layer given the wrong attention type changes the logits.
-PER_FAMILY = {
-    "gemma2": dict(layer_types=ALTERNATING, sliding_window=4),
-    "gemma3_text": dict(layer_types=ALTERNATING, sliding_window=4),
-    "qwen2": dict(use_sliding_window=True, sliding_window=4, max_window_layers=2),  # full, full, sliding, sliding
-    "qwen3": dict(use_sliding_window=True, sliding_window=4, max_window_layers=2),
-}
 # Each keeps Qwen's full-attention layers (0, 1) ahead of its sliding ones, which its config requires.
 PROGRAMS = {"drop": [0, 2, 3], "duplicate": [0, 1, 1, 2, 3], "reorder": [1, 0, 3, 2]}
 N_NEW = 8
@@ -34,12 +26,8 @@ N_NEW = 8
 
 def hf_model(family, **overrides):
     """The shared small model of `family` in float64, with a short sliding window where the family has one."""
-    return conftest.hf_model(family, **{**PER_FAMILY.get(family, {}), **overrides}).double()
+    return conftest.hf_model(family, **{**SLIDING_WINDOWS.get(family, {}), **overrides}).double()
 
-
-@torch.no_grad()
-def logits(model, ids):
-    return model(input_ids=ids, use_cache=False).logits
 
 
 @torch.no_grad()
@@ -48,16 +36,10 @@ def cached_vs_full_forwards(model, prompt):
     full cache-free forwards of the generated sequence give at the same positions."""
     out = model.generate(prompt, max_new_tokens=N_NEW, do_sample=False, use_cache=True, pad_token_id=0,
                          output_logits=True, return_dict_in_generate=True)
-    full = logits(model, out.sequences)[:, prompt.shape[1] - 1:-1]
+    full = full_logits(model, out.sequences)[:, prompt.shape[1] - 1:-1]
     cached = torch.stack(out.logits, dim=1)
     return out.sequences, (cached - full).abs().max().item()
 
-
-@torch.no_grad()
-def greedy_without_cache(model, ids):
-    for _ in range(N_NEW):
-        ids = torch.cat([ids, logits(model, ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return ids
 
 
 def run_layers(model, order, ids):
@@ -74,7 +56,7 @@ def run_layers(model, order, ids):
         config.num_hidden_layers = len(order)
         if saved[1] is not None:
             config.layer_types = [saved[1][i] for i in order]
-        return logits(model, ids)
+        return full_logits(model, ids)
     finally:
         stack._modules.clear()
         for layer in original:
@@ -137,12 +119,12 @@ def test_program_runs_its_layers_in_order_and_decodes_with_its_cache_like_full_f
     assert reprogrammed.config.layer_origin == order
     if getattr(model.config, "layer_types", None) is not None:
         assert reprogrammed.config.layer_types == [model.config.layer_types[i] for i in order]
-    torch.testing.assert_close(logits(reprogrammed, ids), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(full_logits(reprogrammed, ids), expected, rtol=0, atol=1e-12)
 
     prompt = torch.randint(1, 128, (2, 8))
     sequences, gap = cached_vs_full_forwards(reprogrammed, prompt)
     assert sequences.shape[1] == 8 + N_NEW
-    assert torch.equal(sequences, greedy_without_cache(reprogrammed, prompt))
+    assert torch.equal(sequences, greedy_without_cache(reprogrammed, prompt, N_NEW))
     assert gap < 1e-5
 
 
@@ -159,7 +141,7 @@ def test_materialised_program_round_trips_through_save_and_load(family, tmp_path
     assert loaded.config.num_hidden_layers == 5 and loaded.config.layer_origin == [0, 1, 1, 2, 3]
     ids = torch.randint(1, 128, (2, 12))
     # 1e-6, not equality: Gemma's float32 embedding scale is recomputed at load (8e-8 apart even untransformed)
-    torch.testing.assert_close(logits(loaded, ids), logits(model, ids), rtol=0, atol=1e-6)
+    torch.testing.assert_close(full_logits(loaded, ids), full_logits(model, ids), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", HF_FAMILIES)
@@ -209,7 +191,7 @@ def test_qwen2_window_boundary_counts_the_full_attention_positions():
     model = apply(hf_model("qwen2"), ["layers=0,1,1,2,3"])  # full, full, full, sliding, sliding
     assert model.config.layer_types == ["full_attention"] * 3 + ["sliding_attention"] * 2
     assert model.config.max_window_layers == 3 and model.model.has_sliding_layers
-    rebuilt = transformers.Qwen2Config(**{**HF_SMALL, **PER_FAMILY["qwen2"], "num_hidden_layers": 5,
+    rebuilt = transformers.Qwen2Config(**{**HF_SMALL, **SLIDING_WINDOWS["qwen2"], "num_hidden_layers": 5,
                                           "max_window_layers": 3})
     assert rebuilt.layer_types == model.config.layer_types
     only_full = apply(hf_model("qwen2"), ["layers=0,1,0"])

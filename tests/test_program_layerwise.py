@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 import transformers
-from conftest import tiny_model
+from conftest import full_logits, greedy_without_cache, tiny_model
 
 from layerwise import LayerwiseForCausalLM, ModelConfig
 from layerwise.arch import depth_view
@@ -32,18 +32,6 @@ PROGRAMS = {
 RESIDUAL_SCHEMES = ["pre-rmsnorm", "attnres", "block-attnres", "delta-attnres", "delta-block-attnres",
                     "resformer", "satformer", "bhyt", "lns"]
 VOCAB = 256
-
-
-@torch.no_grad()
-def logits(model, ids):
-    return model(input_ids=ids, use_cache=False).logits
-
-
-@torch.no_grad()
-def greedy_without_cache(model, ids, n_new):
-    for _ in range(n_new):
-        ids = torch.cat([ids, logits(model, ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return ids
 
 
 def assert_cached_generate_is_greedy(model):
@@ -76,15 +64,15 @@ def test_program_runs_the_listed_layers_saves_reloads_and_decodes_exactly(preset
     expected = by_hand(original, order, ids)
     model = program_layerwise_model(copy.deepcopy(original), order, tie=tie)
     assert model.config.n_layers == len(order) and model.config.layer_origin == order
-    torch.testing.assert_close(logits(model, ids), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(full_logits(model, ids), expected, rtol=0, atol=1e-12)
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["layer_origin"] == order
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
     assert isinstance(loaded, LayerwiseForCausalLM)
-    assert torch.equal(logits(loaded, ids), logits(model, ids))
+    assert torch.equal(full_logits(loaded, ids), full_logits(model, ids))
     reread, _ = load_model(tmp_path, dtype=torch.float64)  # the CLI's loader refuses missing or extra weights
-    assert torch.equal(logits(reread.eval(), ids), logits(model, ids))
+    assert torch.equal(full_logits(reread.eval(), ids), full_logits(model, ids))
     assert_cached_generate_is_greedy(model)
     assert_cached_generate_is_greedy(loaded)
 
@@ -144,7 +132,7 @@ def test_a_program_that_runs_every_layer_once_in_order_is_the_original_model(pre
     for tie in (False, True):
         model = program_layerwise_model(copy.deepcopy(original), [0, 1, 2, 3], tie=tie)
         assert model.config.layer_order is None and model.config.layer_origin is None
-        assert torch.equal(logits(model, ids), logits(original, ids))
+        assert torch.equal(full_logits(model, ids), full_logits(original, ids))
 
 
 def test_programs_compose_and_record_origins_of_the_original_model(tmp_path):
@@ -153,7 +141,7 @@ def test_programs_compose_and_record_origins_of_the_original_model(tmp_path):
     assert model.config.layer_origin == [0, 1, 2, 3] and model.config.layer_order is None
     # LNS kept each layer's own scale 1/sqrt(origin + 1), so the result is the original model.
     ids = torch.randint(1, VOCAB, (2, 10))
-    torch.testing.assert_close(logits(model, ids), logits(tiny_model("lns", dtype=torch.float64), ids),
+    torch.testing.assert_close(full_logits(model, ids), full_logits(tiny_model("lns", dtype=torch.float64), ids),
                                rtol=0, atol=0)
 
 
@@ -201,7 +189,7 @@ def test_old_config_with_dropped_layers_loads_as_layer_origin(tmp_path):
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
     assert loaded.config.layer_origin == [0, 2]
     ids = torch.randint(1, VOCAB, (1, 6))
-    assert torch.equal(logits(loaded.eval(), ids), logits(model, ids))
+    assert torch.equal(full_logits(loaded.eval(), ids), full_logits(model, ids))
 
 
 @pytest.mark.parametrize("fields, message", [
@@ -240,7 +228,7 @@ def test_diagnostic_views_follow_execution_positions():
     ids = torch.randint(1, VOCAB, (1, 7))
     trace = layerwise_trace(model, ids)
     assert len(trace.hidden) == 7 and len(trace.sublayers) == 6 and trace.attention_entropy.shape == (6,)
-    torch.testing.assert_close(trace.logits, logits(model, ids), rtol=0, atol=1e-12)
+    torch.testing.assert_close(trace.logits, full_logits(model, ids), rtol=0, atol=1e-12)
     h = trace.hidden
     for p in range(6):
         torch.testing.assert_close(h[p + 1] - h[p], trace.sublayers[p].attn_out + trace.sublayers[p].mlp_out)
@@ -259,7 +247,7 @@ def test_pruned_lns_model_saves_and_reloads_with_each_layers_own_scale(tmp_path)
     assert loaded.config.layer_origin == [0, 2] and not loaded.config.layerwise_dropped_layers
     assert [layer.attn.depth_scale for layer in loaded.model.layers] == [1.0, 1 / math.sqrt(3)]
     ids = torch.randint(1, VOCAB, (2, 10))
-    assert torch.equal(logits(loaded, ids), logits(pruned, ids))
+    assert torch.equal(full_logits(loaded, ids), full_logits(pruned, ids))
 
 
 def test_dropping_a_layer_of_a_tied_model_drops_that_position_only():
@@ -271,7 +259,7 @@ def test_dropping_a_layer_of_a_tied_model_drops_that_position_only():
     pruned = drop_layers(model, [4])
     assert pruned.config.layer_order == [0, 1, 2, 1, 3] and len(pruned.model.layers) == 4
     assert pruned.config.layer_origin == [0, 1, 2, 1, 3]
-    torch.testing.assert_close(logits(pruned, ids), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(full_logits(pruned, ids), expected, rtol=0, atol=1e-12)
     assert_cached_generate_is_greedy(pruned)
 
 

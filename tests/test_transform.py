@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 import typer
-from conftest import HF_FAMILIES, HF_SMALL, tiny_model
+from conftest import HF_FAMILIES, HF_SMALL, ALTERNATING, SLIDING_WINDOWS, full_logits, greedy_without_cache, tiny_model
 from typer.testing import CliRunner
 
 from layerwise import LayerwiseForCausalLM
@@ -19,45 +19,25 @@ from layerwise.reference import skipping
 from layerwise.transform import drop_layers, original_layer_indices, parse_layer_list, save_pruned
 from layerwise.transform.cli import prune_command
 
-ALTERNATING = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
-# A window shorter than the test sequences, so a layer given the wrong attention type changes the logits.
-PER_FAMILY = {
-    "gemma2": dict(layer_types=ALTERNATING, sliding_window=4),
-    "gemma3_text": dict(layer_types=ALTERNATING, sliding_window=4),
-    "qwen2": dict(use_sliding_window=True, sliding_window=4, max_window_layers=2),  # full, full, sliding, sliding
-    "qwen3": dict(use_sliding_window=True, sliding_window=4, max_window_layers=2),
-}
 DROP = [0, 3]  # both survivors move, so a stale layer_idx or an unsliced layer_types shows
 
 
 def hf_model(family, **overrides):
     """The shared small model of `family`, with a short sliding window where the family has one."""
-    return conftest.hf_model(family, **{**PER_FAMILY.get(family, {}), **overrides})
-
-
-@torch.no_grad()
-def logits(model, ids):
-    return model(input_ids=ids, use_cache=False).logits
-
-
-@torch.no_grad()
-def greedy_without_cache(model, ids, n_new):
-    for _ in range(n_new):
-        ids = torch.cat([ids, logits(model, ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return ids
+    return conftest.hf_model(family, **{**SLIDING_WINDOWS.get(family, {}), **overrides})
 
 
 def assert_prunes_like_skipping(model, drop, vocab):
     ids = torch.randint(1, vocab, (2, 12))
     with skipping(model, drop):
-        expected = logits(model, ids)
+        expected = full_logits(model, ids)
     n_layers = len(depth_view(model).layers)
     pruned = drop_layers(copy.deepcopy(model), drop)
     stack = depth_view(pruned).layers
     assert len(stack) == pruned.config.num_hidden_layers == n_layers - len(drop)
     for position, layer in enumerate(stack):  # every layer_idx below a layer is its new KV-cache slot
         assert {m.layer_idx for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int)} == {position}
-    torch.testing.assert_close(logits(pruned, ids), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(full_logits(pruned, ids), expected, rtol=1e-5, atol=1e-6)
     return pruned
 
 
@@ -92,7 +72,7 @@ def test_pruned_model_round_trips_through_save_and_load(family, tmp_path):
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert loaded.config.num_hidden_layers == 2 and loaded.config.layer_origin == [1, 2]
     ids = torch.randint(1, 128, (2, 12))
-    assert torch.equal(logits(loaded, ids), logits(pruned, ids))
+    assert torch.equal(full_logits(loaded, ids), full_logits(pruned, ids))
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
@@ -111,7 +91,7 @@ def test_qwen2_max_window_layers_moves_with_the_full_attention_layers_it_counts(
     pruned = drop_layers(hf_model("qwen2"), DROP)  # full, full, sliding, sliding -> full, sliding
     assert pruned.config.layer_types == ["full_attention", "sliding_attention"]
     assert pruned.config.max_window_layers == 1
-    rebuilt = transformers.Qwen2Config(**{**HF_SMALL, **PER_FAMILY["qwen2"], "num_hidden_layers": 2,
+    rebuilt = transformers.Qwen2Config(**{**HF_SMALL, **SLIDING_WINDOWS["qwen2"], "num_hidden_layers": 2,
                                           "max_window_layers": 1})
     assert rebuilt.layer_types == pruned.config.layer_types
     only_full = drop_layers(hf_model("qwen2"), [2, 3])
@@ -163,7 +143,7 @@ def test_layerwise_pruned_model_round_trips_through_save_and_load(tmp_path):
     assert isinstance(loaded, LayerwiseForCausalLM)
     assert loaded.config.n_layers == 2 and loaded.config.layer_origin == [0, 2]
     ids = torch.randint(1, 256, (2, 12))
-    assert torch.equal(logits(loaded, ids), logits(pruned, ids))
+    assert torch.equal(full_logits(loaded, ids), full_logits(pruned, ids))
 
 
 @pytest.mark.parametrize("preset, field", [("deepnorm", "norm_placement")])
@@ -230,4 +210,4 @@ def test_smollm2_pruned_and_saved_reloads_with_identical_logits(tmp_path):
     assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
     ids = loaded_tokenizer("The capital of France is", return_tensors="pt").input_ids
     assert torch.equal(ids, tokenizer("The capital of France is", return_tensors="pt").input_ids)
-    assert torch.equal(logits(loaded, ids), logits(model, ids))
+    assert torch.equal(full_logits(loaded, ids), full_logits(model, ids))

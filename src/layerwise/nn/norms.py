@@ -98,19 +98,11 @@ class RMSNorm(Norm):
 
 
 @register_norm("crmsnorm")
-class CRMSNorm(Norm):
+class CRMSNorm(RMSNorm):
     """Compressed RMSNorm (Jiang et al., NeurIPS 2023) on the first d-1 coordinates z of a zero-mean x in R^d:
     gamma * z / sqrt((sum z^2 + (sum z)^2) / d + eps), which is RMSNorm(x) without its last coordinate, since
-    x_d = -sum z. The width d of the uncompressed stream is the input width plus one."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    @classmethod
-    def from_config(cls, dim, cfg, role):
-        return cls(dim, eps=cfg.norm_eps)
+    x_d = -sum z. The width d of the uncompressed stream is the input width plus one. (RMSNorm's parameters
+    and construction; only the statistic differs.)"""
 
     def forward(self, x):
         xf = at_least_float32(x)
