@@ -59,3 +59,13 @@ def test_norm_conversion_benchmark_times_every_conversion_and_checks_they_agree(
     rows = result["rows"]
     assert [row["model"] for row in rows] == ["pre-ln (original)", "fold-norms", "pre-rmsnorm", "pre-crmsnorm"]
     assert all(row["ms"] > 0 and row["max_rel_dlogit"] < 1e-4 for row in rows) and rows[0]["speedup"] == 1.0
+
+
+def test_layer_program_cache_benchmark_shows_the_shared_slot_bug_and_its_fix():
+    path = Path(__file__).parents[1] / "bench" / "layer_program_cache.py"
+    spec = importlib.util.spec_from_file_location("layer_program_cache", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(["--model", "tiny-random", "--new-tokens", "4"])
+    assert rows["naive"] > 1e-2  # one cache slot for two occurrences: cached decoding reads the wrong keys
+    assert max(rows["tied"], rows["materialised"], rows["original"]) < 1e-5
