@@ -287,3 +287,25 @@ def test_smollm2_converts_with_the_same_logits_and_greedy_tokens_and_round_trips
     assert type(back) is transformers.LlamaForCausalLM
     before, after = hf.state_dict(), back.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_gpt2_round_trip_keeps_its_family_and_origins_and_refuses_a_head_bias_gpt2_lacks():
+    gpt2 = hf_model("gpt2").double()
+    converted = apply(gpt2, ["drop=1", "to-layerwise"])
+    assert converted.config.layerwise_hf_family == "gpt2" and converted.config.layer_origin == [0, 2, 3]
+    back = apply(converted, ["to-hf"])  # to the family it came from, not llama
+    assert type(back).__name__ == "GPT2LMHeadModel" and back.config.layer_origin == [0, 2, 3]
+    folded = apply(hf_model("gpt2").double(), ["to-layerwise", "fold-norms"])  # the final beta moves to a head bias
+    with pytest.raises(UserError, match="lm_head_bias=True cannot be saved as GPT-2"):
+        apply(folded, ["to-hf"])
+
+
+def test_an_old_pruned_config_converts_with_each_layers_own_lns_scale(tmp_path):
+    hf = apply(perturbed(hf_model("llama")), ["drop=0"])
+    hf.config.layer_origin = None
+    hf.config.layerwise_dropped_layers = [0]  # as written before layer_origin existed
+    converted = apply(hf, ["to-layerwise=layernorm_scaling=true"])
+    assert converted.config.layer_origin == [1, 2, 3]
+    converted.save_pretrained(tmp_path / "m")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert torch.equal(logits(reloaded, IDS), logits(converted, IDS))

@@ -244,3 +244,21 @@ def test_layerwise_drop_writes_layer_origin_and_reads_an_old_dropped_layers_conf
     drop_layers(model, [0])
     assert model.config.layer_origin == [2, 3, 4] and model.config.layerwise_dropped_layers is None
     assert model.config.n_layers == 3
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_tied_positions_are_traced_like_materialised_copies(family):
+    """Diagnostics hook each position's modules: a tied occurrence must not share hooks with its source, or one
+    position's recorded states overwrite the other's."""
+    from layerwise.arch import depth_view
+    from layerwise.diagnose.trace import trace
+
+    model = conftest.hf_model(family).double().eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 10))
+    tied = apply(copy.deepcopy(model), ["layers=0-3,1-2:tie"])
+    copies = apply(copy.deepcopy(model), ["layers=0-3,1-2"])
+    a, b = trace(tied, depth_view(tied), ids, False), trace(copies, depth_view(copies), ids, False)
+    assert len(a.hidden) == len(b.hidden) == 7
+    for x, y in zip(a.hidden, b.hidden):
+        assert torch.equal(x, y)
+    assert repr(a.sublayers) == repr(b.sublayers)

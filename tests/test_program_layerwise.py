@@ -20,6 +20,7 @@ from layerwise.errors import UserError
 from layerwise.loading import load_model
 from layerwise.nn.attention import ForwardContext
 from layerwise.transform.layerwise_program import check_layerwise_program, program_layerwise_model
+from layerwise.transform.program import program_layers
 
 # Each scheme that takes programs (standard residual with every additive or post-add placement, and LNS).
 PROGRAMMABLE = ["pre-rmsnorm", "pre-ln", "peri-ln", "post-ln", "lns"]
@@ -208,9 +209,8 @@ def test_invalid_programs_name_the_field(fields, message):
 
 @pytest.mark.parametrize("preset, order, reason", [
     ("block-attnres", [0, 1, 3], "cannot drop layers of a residual='block_attnres' model: AttnRes keeps"),
-    ("resformer", [0, 1, 1, 2, 3], "cannot repeat layers of a value_residual='resformer' model"),
-    ("delta-attnres", [1, 0, 2, 3], "cannot reorder layers of a residual='delta_attnres' model"),
-    ("mix-ln", [0, 1, 3], "cannot drop layers of a norm_placement='mixln' model: takes the number of Post-LN"),
+    ("resformer", [0, 1, 1, 2, 3], "cannot repeat layers of a value_residual='resformer' model: the value mix"),
+    ("attnres", [0, 1, 1, 2, 3], "cannot repeat layers of a residual='full_attnres' model: AttnRes keeps a trained"),
     ("pre-rmsnorm", [0, 4], r"layer 4 in the layer program is not a position .* 0\.\.3"),
     ("pre-rmsnorm", [], "layer program is empty"),
 ])
@@ -219,6 +219,18 @@ def test_programs_a_model_cannot_take_are_refused_with_the_reason(preset, order,
     with pytest.raises(UserError, match=reason):
         check_layerwise_program(model, order, tie=True)
     assert len(model.model.layers) == 4
+
+
+@pytest.mark.parametrize("preset, order", [("delta-attnres", [1, 0, 2, 3]), ("mix-ln", [0, 1, 3])])
+def test_position_dependent_models_run_a_program_in_memory_but_refuse_to_save_it(preset, order, tmp_path):
+    """As drop does: the reshaped model can be scored in memory, but its config would rebuild its layers at
+    their new positions differently, so saving it is refused with the reason."""
+    model = program_layers(tiny_model(preset), order)
+    assert model.config.layer_origin == order
+    model(torch.randint(0, VOCAB, (1, 6)))
+    with pytest.raises(UserError, match=r"layer_origin=.* cannot be combined with"):
+        model.save_pretrained(tmp_path / "m")
+    assert not (tmp_path / "m" / "model.safetensors").exists()
 
 
 def test_diagnostic_views_follow_execution_positions():

@@ -119,3 +119,13 @@ def test_transform_without_steps_saves_the_model_as_it_loads(tmp_path):
     assert "no steps: saved as loaded" in result.output
     ids = torch.randint(0, model.config.vocab_size, (1, 9))
     assert torch.equal(_logits(transformers.AutoModelForCausalLM.from_pretrained(out), ids), _logits(model, ids))
+
+
+def test_prune_records_its_step_and_source_like_transform(tmp_path):
+    source, out = tmp_path / "tiny", tmp_path / "out"
+    hf_model("llama").save_pretrained(source)
+    result = runner.invoke(app, ["prune", str(source), "--drop", "1-2", "--out", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    config = json.loads((out / "config.json").read_text())
+    assert config["layerwise_transforms"] == ["drop=1,2"] and config["layerwise_source"] == str(source)
+    assert config["layer_origin"] == [0, 3] and "`drop=1,2`" in (out / "README.md").read_text()

@@ -141,7 +141,7 @@ class ModelConfig(PreTrainedConfig):
         validate_config(self)
         if self.layerwise_dropped_layers or (self.layer_origin is not None
                                              and list(self.layer_origin) != list(range(len(self.layer_origin)))):
-            _check_rebuildable_after_reshaping(self)
+            check_rebuildable_after_reshaping(self)
 
     # ---- layer programs -------------------------------------------------------------------------------------
 
@@ -201,7 +201,7 @@ class ModelConfig(PreTrainedConfig):
         return super().from_dict(config_dict, **kwargs)
 
 
-def _check_rebuildable_after_reshaping(cfg: ModelConfig) -> None:
+def check_rebuildable_after_reshaping(cfg: ModelConfig) -> None:
     """A reshaped model (pruned or reprogrammed: `layer_origin` set) is rebuilt from its config at its new
     positions, so a variant whose math depends on a layer's position or on the model's depth would come back
     different. Runs at save and at load, so such a checkpoint is never written or read silently wrong."""
@@ -217,6 +217,21 @@ def _check_rebuildable_after_reshaping(cfg: ModelConfig) -> None:
                 f"{variant.depth_dependence}, and a reshaped model is rebuilt with its layers at their new "
                 "positions; use the reshaped model in memory, or reshape a model without depth-dependent layers"
             )
+
+
+def layer_origin_of(config) -> list[int] | None:
+    """For each layer position of a model's config (layerwise or HF), the index in the original model of the
+    layer it runs; None when the model was never reshaped. Reads `layer_origin`, else a config written before
+    it (`layerwise_dropped_layers`), else, for a layerwise model built with tied layers, its `layer_order`."""
+    origin = getattr(config, "layer_origin", None)
+    if origin is not None:
+        return list(origin)
+    dropped = set(getattr(config, "layerwise_dropped_layers", None) or ())
+    if dropped:
+        total = config.num_hidden_layers + len(dropped)
+        return [i for i in range(total) if i not in dropped]
+    order = getattr(config, "layer_order", None)
+    return list(order) if order is not None else None
 
 
 def default_d_ff(d_model: int, mlp: str) -> int:

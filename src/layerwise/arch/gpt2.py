@@ -34,7 +34,7 @@ _ACTIVATION_OF_MLP = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
 _GPT2_FIELDS = {
     "norm": "layernorm", "norm_bias": True, "norm_placement": "pre", "residual": "standard",
     "value_residual": "none", "bias": True, "position_embedding": "learned", "qk_norm": False,
-    "embedding_scale": False, "embedding_norm": False, "layernorm_scaling": False,
+    "embedding_scale": False, "embedding_norm": False, "layernorm_scaling": False, "lm_head_bias": False,
 }
 # Fields both configs have under the same names.
 _SHARED_FIELDS = ("vocab_size", "tie_word_embeddings")

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers.initialization import no_init_weights
 
-from ..config import ModelConfig
+from ..config import ModelConfig, layer_origin_of
 from ..errors import UserError
 from ..model import LayerwiseForCausalLM
 
@@ -148,7 +148,8 @@ _LLAMA_SHAPE = (
     ("layernorm_scaling", False, "its norms are not scaled by depth"),
     ("embedding_scale", False, "its embedding is not rescaled"),
     ("embedding_norm", False, "it has no embedding norm"),
-    ("position_embedding", "rope", "its positions are rotary"),  # a field GPT-2 support adds
+    ("position_embedding", "rope", "its positions are rotary"),
+    ("lm_head_bias", False, "its head has no bias"),
 )
 
 
@@ -204,9 +205,6 @@ def hf_config(config: ModelConfig, family: str, tokens=None):
 
 # ---- whole models ---------------------------------------------------------------------------------------------
 
-# Provenance a conversion carries to the new config (transform.apply carries the step history itself).
-_PROVENANCE = ("layerwise_dropped_layers", "layer_origin")
-
 
 def hf_to_layerwise(model: nn.Module, **overrides) -> LayerwiseForCausalLM:
     """A `LayerwiseForCausalLM` with the logits of the HF Llama-family (or GPT-2) `model`, in its dtype; the
@@ -222,14 +220,16 @@ def hf_to_layerwise(model: nn.Module, **overrides) -> LayerwiseForCausalLM:
     if family == GPT2_FAMILY:
         if overrides:
             raise UserError("field overrides are not available when converting gpt2; convert, then change the model")
-        return _gpt2_adapter(family).gpt2_to_layerwise(model)
+        converted = _gpt2_adapter(family).gpt2_to_layerwise(model)
+        converted.config.layerwise_hf_family = family
+        converted.config.layer_origin = layer_origin_of(model.config)
+        return converted
     config = layerwise_config(model.config, **overrides)
     _, narrowed = sequence_budget(model.config)
     if narrowed:
         warnings.warn(narrowed, UserWarning, stacklevel=2)
-    for key in _PROVENANCE:
-        if getattr(model.config, key, None) is not None:
-            setattr(config, key, getattr(model.config, key))
+    # Before the model is built: LayerNorm Scaling scales each layer by its origin index.
+    config.layer_origin = layer_origin_of(model.config)
     weights = from_hf(model.state_dict())
     if not overrides:
         return _built(LayerwiseForCausalLM, config, weights, model)
@@ -246,11 +246,13 @@ def layerwise_to_hf(model: LayerwiseForCausalLM, family: str | None = None) -> n
 
     family = family or model.config.layerwise_hf_family or "llama"
     if family == GPT2_FAMILY:
-        return _gpt2_adapter(family).layerwise_to_gpt2(model)
+        converted = _gpt2_adapter(family).layerwise_to_gpt2(model)
+        if model.config.layer_origin is not None:
+            converted.config.layer_origin = list(model.config.layer_origin)
+        return converted
     config = hf_config(model.config, family, model.generation_config)
-    for key in _PROVENANCE:
-        if getattr(model.config, key, None) is not None:
-            setattr(config, key, getattr(model.config, key))
+    if model.config.layer_origin is not None:
+        config.layer_origin = list(model.config.layer_origin)
     weights = to_hf(model.state_dict())
     return _built(transformers.AutoModelForCausalLM.from_config, config, weights, model)
 

@@ -42,8 +42,10 @@ class Variant:
     # says what breaks when it cannot.
     drop_safe: bool = True
     drop_hazard: str = ""
-    # A layer can be executed twice in a row, or duplicated, with its own parameters.
+    # A layer can be executed twice in a row, or duplicated, with its own parameters. `repeat_hazard` says what
+    # breaks when it cannot.
     repeat_safe: bool = True
+    repeat_hazard: str = ""
 
     @classmethod
     def validate(cls, cfg) -> None:

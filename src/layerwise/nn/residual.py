@@ -115,7 +115,9 @@ class DepthRoutedScheme(ResidualScheme):
     drop_safe = False
     drop_hazard = ("AttnRes keeps a depth-attention mixer per sublayer and routes over block boundaries counted in "
                    "sublayers, so deleting a layer would shift every later mixer and block")
-    repeat_safe = False  # a repeated layer would need mixers for sublayers the scheme does not have
+    repeat_safe = False
+    repeat_hazard = ("AttnRes keeps a trained depth-attention mixer per sublayer position, so a repeated layer "
+                     "would need mixers its training never made")
     depth_dependent = True
     depth_dependence = "routes each sublayer over the sources before it, counted by position"
 

@@ -25,7 +25,9 @@ class ValueResidual(Variant, nn.Module):
     drop_safe = False
     drop_hazard = ("every layer mixes in layer 0's values through per-layer parameters indexed by layer position, "
                    "held outside the layers")
-    repeat_safe = False  # a repeated layer would reuse another position's mixing parameters
+    repeat_safe = False
+    repeat_hazard = ("the value mix has trained parameters per layer position, so a repeated layer would run "
+                     "with another position's parameters")
 
     def __init__(self, cfg):
         super().__init__()

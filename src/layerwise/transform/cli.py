@@ -49,7 +49,8 @@ def prune_command(
     """
     from ..loading import check_token_windows, load_model
     from ..outputs import check_model_destination
-    from .prune import drop_layers, original_layer_indices, parse_layer_list
+    from .prune import original_layer_indices, parse_layer_list
+    from .steps import apply
     from .save import save_transformed
 
     if (drop is None) == (remove is None):
@@ -75,11 +76,12 @@ def prune_command(
         net, tokenizer = load_model(model)
     n_before = net.config.num_hidden_layers
     reshaped_before = original_layer_indices(net.config) != list(range(n_before))
+    _check_saveable_once_pruned(net)
     plan = None
     if layers is None:
         plan = _plan(net, tokenizer, remove, strategy, data, tokens, seq_len, batch_size)
         layers = plan["removed_layers"]
-    drop_layers(net, layers)
+    net = apply(net, [f"drop={','.join(map(str, layers))}"], source=model)
     extra = {PLAN_FILE: json.dumps({"model": str(model), **plan}, indent=1)} if plan is not None else {}
     with console.status(f"saving to {out} ..."):
         save_transformed(net, tokenizer, out, overwrite, extra_files=extra)
@@ -90,6 +92,21 @@ def prune_command(
                       f"{', '.join(map(str, original_layer_indices(net.config)))}")
     plan_note = f", {out / PLAN_FILE}" if plan is not None else ""
     console.print(f"outputs: {out} (load with AutoModelForCausalLM.from_pretrained){plan_note}")
+
+
+def _check_saveable_once_pruned(net) -> None:
+    """A layerwise model whose layers depend on their position (Mix-LN, DeepNorm) can be pruned in memory but
+    not saved; say so before the strategy measures for minutes, not at the save."""
+    if getattr(net.config, "model_type", None) != "layerwise":
+        return
+    from ..nn.registry import selected_variants
+
+    for variant in selected_variants(net.config):
+        if variant.depth_dependent:
+            field = variant.selector_field
+            raise UserError(f"cannot save a pruned {field}={getattr(net.config, field)!r} model: it "
+                            f"{variant.depth_dependence}, so its layers would reload differently at their new "
+                            "positions; score the pruned model in memory with `layerwise eval --apply drop=...`")
 
 
 def _plan(net, tokenizer, remove, strategy, data, tokens, seq_len, batch_size) -> dict:

@@ -19,17 +19,14 @@ import copy
 
 from torch import nn
 
+from ..config import layer_origin_of
 from ..errors import UserError
 
 
 def _origins(cfg) -> list[int]:
     """Each current position's index in the original model (its stored layer when never reshaped)."""
-    if cfg.layer_origin is not None:
-        return list(cfg.layer_origin)
-    dropped = set(cfg.layerwise_dropped_layers or ())
-    if dropped:  # a config pruned in memory before `layer_origin` existed
-        return [i for i in range(cfg.n_layers + len(dropped)) if i not in dropped]
-    return cfg.execution_order
+    origin = layer_origin_of(cfg)
+    return origin if origin is not None else cfg.execution_order
 
 
 def check_layerwise_program(model: nn.Module, order: list[int], tie: bool) -> None:
@@ -38,8 +35,9 @@ def check_layerwise_program(model: nn.Module, order: list[int], tie: bool) -> No
     `tie` is accepted for the common signature of program checks: a layerwise config can always state tied
     layers (`layer_order`), so only the variants decide. Refused: dropping under a variant that is not
     `drop_safe`, repeating under one that is not `repeat_safe` (AttnRes mixers and value-residual parameters
-    belong to positions of the trained model), and any change under a `depth_dependent` variant (Mix-LN,
-    DeepNorm), whose layers would be rebuilt differently at their new positions."""
+    belong to positions of the trained model). A `depth_dependent` variant (Mix-LN, DeepNorm) runs a program
+    in memory, as `drop` does, but its result cannot be saved: its layers would be rebuilt differently at their
+    new positions, and the config check refuses it at save."""
     from ..nn.registry import REGISTRIES, selected_variants
 
     cfg = model.config
@@ -56,18 +54,15 @@ def check_layerwise_program(model: nn.Module, order: list[int], tie: bool) -> No
     for variant in selected_variants(cfg):
         field = variant.selector_field
         if dropped and not variant.drop_safe:
-            action = "drop"
+            action, hazard = "drop", variant.drop_hazard
         elif repeated and not variant.repeat_safe:
-            action = "repeat"
-        elif variant.depth_dependent:  # its layers would be rebuilt at their new positions, differently
-            action = "drop" if dropped else "repeat" if repeated else "reorder"
+            action, hazard = "repeat", variant.repeat_hazard
         else:
             continue
         safe = [v.registered_name for v in REGISTRIES[field].classes()
-                if v.drop_safe and v.repeat_safe and not v.depth_dependent] if field in REGISTRIES else []
+                if v.drop_safe and v.repeat_safe] if field in REGISTRIES else []
         hint = f"; only {field}={' or '.join(map(repr, safe))} models take layer programs" if safe else ""
-        raise UserError(f"cannot {action} layers of a {field}={getattr(cfg, field)!r} model: "
-                        f"{variant.drop_hazard or variant.depth_dependence}{hint}")
+        raise UserError(f"cannot {action} layers of a {field}={getattr(cfg, field)!r} model: {hazard}{hint}")
 
 
 def program_layerwise_model(model: nn.Module, order: list[int], tie: bool) -> nn.Module:

@@ -122,9 +122,9 @@ def as_layerwise_pre_ln(model: nn.Module) -> nn.Module:
     """HF GPT-2 as the equivalent layerwise model (its RMSNorm form cannot be a GPT-2: GPT-2 has no RMSNorm);
     other models as they are."""
     if getattr(getattr(model, "config", None), "model_type", None) == "gpt2":
-        from ..arch.gpt2 import gpt2_to_layerwise
+        from ..arch.state_dict import hf_to_layerwise
 
-        return gpt2_to_layerwise(model)
+        return hf_to_layerwise(model)
     return model
 
 

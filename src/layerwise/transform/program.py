@@ -27,6 +27,7 @@ from torch import nn
 from transformers import PreTrainedConfig
 
 from ..arch import depth_view
+from ..config import layer_origin_of
 from ..errors import UserError
 from .steps import Step, mark_unsaveable, register_step
 
@@ -73,17 +74,9 @@ def parse_layer_program(text: str) -> LayerProgram:
 
 def original_layer_indices(config) -> list[int]:
     """For each current layer position, the index in the original (never transformed) model of the layer it
-    runs: `layer_origin` when a transform wrote it; for a layerwise model built with tied layers, the stored
-    layer each position runs (its stored layers are the originals); else derived from an old config's dropped
-    layers."""
-    origin = getattr(config, ORIGIN_KEY, None)
-    if origin is not None:
-        return list(origin)
-    if getattr(config, "layer_order", None) is not None:
-        return list(config.layer_order)
-    dropped = set(getattr(config, DROPPED_LAYERS_KEY, None) or [])
-    total = config.num_hidden_layers + len(dropped)
-    return [i for i in range(total) if i not in dropped]
+    runs (`layerwise.config.layer_origin_of`; positions themselves for a model never reshaped)."""
+    origin = layer_origin_of(config)
+    return origin if origin is not None else list(range(config.num_hidden_layers))
 
 
 def check_layer_program(model: nn.Module, order: Sequence[int], tie: bool = False) -> None:
@@ -175,16 +168,19 @@ def check_reshapeable(model: nn.Module) -> None:
 
 
 def _tied_occurrence(module: nn.Module) -> nn.Module:
-    """A copy of `module` that shares every Parameter and buffer (and their dicts, so a conversion that swaps
-    tensors keeps the tie) but has its own modules down to each one holding a `layer_idx`."""
+    """A copy of `module` and of every module below it that shares every Parameter and buffer (and their dicts,
+    so a conversion that swaps tensors keeps the tie) but is its own object, with its own `layer_idx` and its
+    own hook tables (copies: hooks registered later reach one position only), since diagnostics hook each
+    position's modules and two positions must not share a hook."""
     occurrence = copy.copy(module)
-    occurrence._modules = {name: _tied_occurrence(child) if _holds_layer_idx(child) else child
+    for table in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+                  "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+                  "_backward_pre_hooks"):
+        if hasattr(module, table):
+            setattr(occurrence, table, type(getattr(module, table))(getattr(module, table)))  # hooks so far kept
+    occurrence._modules = {name: _tied_occurrence(child) if child is not None else None
                            for name, child in module._modules.items()}
     return occurrence
-
-
-def _holds_layer_idx(module: nn.Module | None) -> bool:
-    return module is not None and any(_layer_idx(m) is not None for m in module.modules())
 
 
 def _layer_idx(module: nn.Module) -> int | None:

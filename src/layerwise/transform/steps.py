@@ -107,19 +107,18 @@ def apply(model: nn.Module, steps: Iterable[str | Step], source: str | None = No
     """Run `steps` on `model` in order and return the result (the same object unless a step replaces it).
 
     Each step is checked against the model as the previous steps left it; the config of the result lists the
-    steps under `layerwise_transforms` and, when given, the model they started from under `layerwise_source`.
+    steps under `layerwise_transforms` and the model they started from under `layerwise_source` (the first
+    source recorded, else `source`), also when `steps` is empty (a GGUF saved as safetensors says so).
     """
     parsed = parse_steps(steps)
+    origin = getattr(model.config, SOURCE_KEY, None) or (str(source) if source is not None else None)
     for step in parsed:
         step.check(model)
         history = list(getattr(model.config, TRANSFORMS_KEY, None) or [])
-        origin = getattr(model.config, SOURCE_KEY, None)
-        model = step.apply(model)
+        model = step.apply(model)  # may be a new model with a new config: the history moves to it
         setattr(model.config, TRANSFORMS_KEY, history + [str(step)])
-        if origin is None and source is not None:
-            origin = str(source)
-        if origin is not None:
-            setattr(model.config, SOURCE_KEY, origin)
+    if origin is not None:
+        setattr(model.config, SOURCE_KEY, origin)
     return model
 
 
