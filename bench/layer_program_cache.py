@@ -71,6 +71,7 @@ def _child_name(parent, child) -> str:
     return next(name for name, c in parent.named_children() if c is child)
 
 
+@torch.no_grad()
 def main(argv: list[str] | None = None) -> dict:
     from layerwise.transform import apply, parse_layer_program
 
@@ -82,7 +83,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
     model = load(args.model)
     n = model.config.num_hidden_layers
     program = args.program or ("0-13,12-13,14-29" if n == 30 else f"0-2,1-2,3-{n - 1}")

@@ -27,6 +27,11 @@ HF_SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+    yield
+    # A test (or the code it runs) that leaves autograd off breaks every later training test far from the cause.
+    enabled = torch.is_grad_enabled()
+    torch.set_grad_enabled(True)
+    assert enabled, "this test left torch's grad mode disabled"
 
 
 def hf_model(family: str, **overrides):
