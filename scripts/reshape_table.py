@@ -34,6 +34,12 @@ def rows(out: Path) -> list[dict]:
             row["removed"] = ",".join(str(i) for i in range(depth) if i not in set(origin))
         if plan is not None:
             row["calibration loss"] = f"{plan['full_loss']:.3f} -> {plan['pruned_loss']:.3f}"
+        elif name.startswith("greedy-"):  # a prefix of the largest greedy plan: its round n measured this model
+            n, larger = int(name.split("-")[1]), sorted((out / "models").glob("greedy-*/prune_plan.json"))
+            for other in map(_read, larger):
+                if other and other["n_remove"] >= n:
+                    best = min(c["value"] for c in other["rounds"][n - 1]["candidates"])
+                    row["calibration loss"] = f"{other['full_loss']:.3f} -> {best:.3f}"
         for p in passes:
             result = _read(p / name / "eval.json")
             if result is None:
