@@ -309,3 +309,10 @@ def test_an_old_pruned_config_converts_with_each_layers_own_lns_scale(tmp_path):
     converted.save_pretrained(tmp_path / "m")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     assert torch.equal(logits(reloaded, IDS), logits(converted, IDS))
+
+
+def test_to_layerwise_refuses_an_hf_model_with_tied_positions_instead_of_untying_them():
+    tied = apply(hf_model("llama"), ["layers=0-3,1-2:tie"])
+    with pytest.raises(UserError, match="convert before reshaping.*to-layerwise before layers"):
+        apply(tied, ["to-layerwise"])
+    assert apply(hf_model("llama"), ["to-layerwise", "layers=0-3,1-2:tie"]).config.layer_order == [0, 1, 2, 3, 1, 2]

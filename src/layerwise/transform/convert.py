@@ -9,7 +9,7 @@ import yaml
 
 from ..arch.state_dict import GPT2_FAMILY, LLAMA_FAMILIES, hf_config, hf_to_layerwise, layerwise_config, layerwise_to_hf
 from ..errors import UserError
-from .steps import Step, register_step
+from .steps import Step, register_step, save_refusal
 
 _FAMILIES = (*LLAMA_FAMILIES, GPT2_FAMILY)
 
@@ -41,6 +41,8 @@ class ToLayerwise(Step):
         family = getattr(model.config, "model_type", None)
         if _is_layerwise(model):
             self.refuse("the model is already a layerwise model")
+        if save_refusal(model) is not None:  # tied occurrences would become copies without a word
+            self.refuse(f"convert before reshaping: {save_refusal(model)}; write to-layerwise before layers=...:tie")
         if family == GPT2_FAMILY:
             return  # its adapter checks as it converts
         try:
