@@ -26,6 +26,8 @@ def rows(out: Path) -> list[dict]:
     for name in names:
         row = {"model": name}
         folder = out / "models" / name
+        if name.endswith("-healed"):  # a run folder: its newest checkpoint is the healed model
+            folder = max((out / f"heal-{name.removesuffix('-healed')}" / "checkpoints").glob("*/"), default=folder)
         config = _read(folder / "config.json") or {}
         plan = _read(folder / "prune_plan.json")
         origin = config.get("layer_origin")
@@ -34,7 +36,7 @@ def rows(out: Path) -> list[dict]:
             row["removed"] = ",".join(str(i) for i in range(depth) if i not in set(origin))
         if plan is not None:
             row["calibration loss"] = f"{plan['full_loss']:.3f} -> {plan['pruned_loss']:.3f}"
-        elif name.startswith("greedy-"):  # a prefix of the largest greedy plan: its round n measured this model
+        elif name.startswith("greedy-") and name.split("-")[1].isdigit() and len(name.split("-")) == 2:  # a prefix of the largest greedy plan: its round n measured this model
             n, larger = int(name.split("-")[1]), sorted((out / "models").glob("greedy-*/prune_plan.json"))
             for other in map(_read, larger):
                 if other and other["n_remove"] >= n:
