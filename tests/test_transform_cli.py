@@ -129,3 +129,26 @@ def test_prune_records_its_step_and_source_like_transform(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["layerwise_transforms"] == ["drop=1,2"] and config["layerwise_source"] == str(source)
     assert config["layer_origin"] == [0, 3] and "`drop=1,2`" in (out / "README.md").read_text()
+
+
+def test_transform_overwrite_replaces_only_a_model_folder_and_never_the_source(tmp_path):
+    source = tmp_path / "tiny"
+    hf_model("llama").save_pretrained(source)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    refused = runner.invoke(app, ["transform", str(source), "--apply", "drop=1", "--out", str(mine), "--overwrite"])
+    assert refused.exit_code != 0 and "holds none" in str(refused.exception)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]  # not a model folder: kept whole
+    for target in (source, tmp_path):  # the model being read, and a folder holding it
+        refused = runner.invoke(app, ["transform", str(source), "--apply", "drop=1", "--out", str(target),
+                                      "--overwrite"])
+        assert refused.exit_code != 0 and "is or contains the model being read" in str(refused.exception)
+    assert transformers.AutoModelForCausalLM.from_pretrained(source).config.num_hidden_layers == 4
+    previous = tmp_path / "previous"  # an earlier transform's output: --overwrite replaces it, whole
+    assert runner.invoke(app, ["transform", str(source), "--apply", "drop=1", "--out", str(previous)]).exit_code == 0
+    replaced = runner.invoke(app, ["transform", str(source), "--apply", "drop=0-1", "--out", str(previous),
+                                   "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert transformers.AutoModelForCausalLM.from_pretrained(previous).config.num_hidden_layers == 2
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".tmp-", ".old-"))]
