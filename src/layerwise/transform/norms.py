@@ -319,26 +319,22 @@ class PreRMSNorm(Step):
     """Pre-LN (LayerNorm) -> Pre-RMSNorm, exactly (Jiang et al., NeurIPS 2023)."""
 
     summary = "Pre-LN LayerNorm -> Pre-RMSNorm with the same logits (recentred writers, folded norms)"
+    target = "Pre-RMSNorm"
+    convert = staticmethod(pre_rmsnorm)
 
     def check(self, model):
         refusal = pre_rmsnorm_refusal(model)
         if refusal:
-            self.refuse(f"cannot convert to Pre-RMSNorm: {refusal}")
+            self.refuse(f"cannot convert to {self.target}: {refusal}")
 
     def apply(self, model):
-        return pre_rmsnorm(as_layerwise_pre_ln(model))
+        return self.convert(as_layerwise_pre_ln(model))
 
 
 @register_step("pre-crmsnorm")
-class PreCRMSNorm(Step):
+class PreCRMSNorm(PreRMSNorm):
     """Pre-LN (LayerNorm) -> Pre-CRMSNorm: Pre-RMSNorm on a stream one coordinate narrower, exactly."""
 
     summary = "Pre-LN LayerNorm -> Pre-CRMSNorm (d_model - 1 wide) with the same logits"
-
-    def check(self, model):
-        refusal = pre_rmsnorm_refusal(model)
-        if refusal:
-            self.refuse(f"cannot convert to Pre-CRMSNorm: {refusal}")
-
-    def apply(self, model):
-        return pre_crmsnorm(as_layerwise_pre_ln(model))
+    target = "Pre-CRMSNorm"
+    convert = staticmethod(pre_crmsnorm)

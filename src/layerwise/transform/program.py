@@ -46,6 +46,18 @@ class LayerProgram:
     tie: bool = False
 
 
+def layer_items(text: str, where: str, example: str) -> list[tuple[str, int, int]]:
+    """The comma items of a layer list or program, each "a" or "a-b", as (item, a, b) with b included; a
+    UserError names an item that is neither (`where` says which text, `example` a valid one)."""
+    items = []
+    for item in (part.strip() for part in text.split(",")):
+        first, dash, last = item.partition("-")
+        if not first.strip().isdecimal() or (dash and not last.strip().isdecimal()):
+            raise UserError(f"{item!r} in {where} is not an index or a range a-b; {example}")
+        items.append((item, int(first), int(last) if dash else int(first)))
+    return items
+
+
 def parse_layer_program(text: str) -> LayerProgram:
     """A program from its text: "0-3,2-3,4-5" -> order (0, 1, 2, 3, 2, 3, 4, 5); a ":tie" suffix sets tie.
 
@@ -59,11 +71,7 @@ def parse_layer_program(text: str) -> LayerProgram:
     if not body.strip():
         raise UserError(f"layer program {text!r} lists no layers; {_EXAMPLE}")
     order: list[int] = []
-    for item in (part.strip() for part in body.split(",")):
-        first, dash, last = item.partition("-")
-        if not first.strip().isdecimal() or (dash and not last.strip().isdecimal()):
-            raise UserError(f"{item!r} in layer program {text!r} is not an index or a range a-b; {_EXAMPLE}")
-        start, stop = int(first), int(last) if dash else int(first)
+    for item, start, stop in layer_items(body, f"layer program {text!r}", _EXAMPLE):
         if stop < start:
             raise UserError(f"range {item!r} in layer program {text!r} runs backwards; write {stop}-{start}, or "
                             f"list the layers one by one to run them in reverse: "

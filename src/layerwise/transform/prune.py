@@ -18,8 +18,8 @@ from collections.abc import Iterable
 from torch import nn
 
 from ..arch import depth_view
-from .program import (DROPPED_LAYERS_KEY, PER_LAYER_CONFIG_LISTS, check_reshapeable, original_layer_indices,
-                      program_layers, rebuild_stack)
+from .program import (DROPPED_LAYERS_KEY, PER_LAYER_CONFIG_LISTS, check_reshapeable, layer_items,
+                      original_layer_indices, program_layers, rebuild_stack)
 from .save import save_transformed
 from .steps import Step, register_step
 
@@ -56,11 +56,7 @@ def parse_layer_list(text: str) -> list[int]:
     """
     example = 'e.g. "14,20-23" (0-based, ranges inclusive)'
     indices: set[int] = set()
-    for item in (part.strip() for part in text.split(",")):
-        first, dash, last = item.partition("-")
-        if not first.strip().isdecimal() or (dash and not last.strip().isdecimal()):
-            raise ValueError(f"{item!r} in layer list {text!r} is not an index or a range a-b; {example}")
-        start, stop = int(first), int(last) if dash else int(first)
+    for item, start, stop in layer_items(text, f"layer list {text!r}", example):
         if stop < start:
             raise ValueError(f"range {item!r} in layer list {text!r} runs backwards; write it as {stop}-{start}")
         span = set(range(start, stop + 1))
