@@ -9,6 +9,7 @@ eval score found under OUT/eval/<tasks>-<limit>/<model>/eval.json (with the item
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -20,7 +21,8 @@ def _read(path: Path) -> dict | None:
 def rows(out: Path) -> list[dict]:
     passes = sorted(p for p in (out / "eval").iterdir() if p.is_dir())
     names = sorted({m.name for p in passes for m in p.iterdir() if (m / "eval.json").is_file()},
-                   key=lambda n: (n != "full", n.split("-")[0], [int(t) if t.isdigit() else t for t in n.split("-")[1:]]))
+                   key=lambda n: (n != "full", n.split("-")[0],
+                                  [int(t) if t.isdigit() else t for t in n.split("-")[1:]]))
     depth = (_read(out / "models" / "full" / "config.json") or {}).get("num_hidden_layers", 0)
     table = []
     for name in names:
@@ -36,7 +38,7 @@ def rows(out: Path) -> list[dict]:
             row["removed"] = ",".join(str(i) for i in range(depth) if i not in set(origin))
         if plan is not None:
             row["calibration loss"] = f"{plan['full_loss']:.3f} -> {plan['pruned_loss']:.3f}"
-        elif name.startswith("greedy-") and name.split("-")[1].isdigit() and len(name.split("-")) == 2:  # a prefix of the largest greedy plan: its round n measured this model
+        elif re.fullmatch(r"greedy-\d+", name):  # a prefix of the largest greedy plan: its round n measured it
             n, larger = int(name.split("-")[1]), sorted((out / "models").glob("greedy-*/prune_plan.json"))
             for other in map(_read, larger):
                 if other and other["n_remove"] >= n:

@@ -101,7 +101,8 @@ def test_diagnose_applies_steps_in_memory(tmp_path):
     model.save_pretrained(source)
     shard = write_shard(tmp_path / "ids.bin", np.arange(64) % model.config.vocab_size, model.config.vocab_size)
     result = runner.invoke(app, ["diagnose", str(source), "--apply", "drop=0-1", "--tokens", "64", "--seq-len", "16",
-                                 "--batch-size", "2", "--n-span", "1", "--no-removal", "--no-attention-entropy", "--data", str(shard),
+                                 "--batch-size", "2", "--n-span", "1", "--no-removal", "--no-attention-entropy",
+                                 "--data", str(shard),
                                  "--out", str(tmp_path / "d")])
     assert result.exit_code == 0, result.output + repr(result.exception)
     report = json.loads((tmp_path / "d" / "diagnosis.json").read_text())

@@ -107,7 +107,8 @@ class LayerwiseModel(LayerwisePreTrainedModel):
     def embed(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
               inputs_embeds=None, use_cache=None) -> tuple[torch.Tensor, ForwardContext]:
         """(what the first layer receives, the context every sublayer shares): token embedding (plus learned
-        position embeddings) with its optional scale and norm, positions, mask and cache. Diagnostics run the layers from here themselves."""
+        position embeddings) with its optional scale and norm, positions, mask and cache. Diagnostics run the
+        layers from here themselves."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds

@@ -75,7 +75,8 @@ def eval_command(
         results = evaluate(net, tokenizer, names, limit=limit, batch_size=batch_size, data=data, seq_len=seq_len,
                            windows_per_batch=windows_per_batch, progress=_bar_factory(progress))
     out.mkdir(parents=True, exist_ok=True)
-    report = {"model": str(model), "apply": [str(step) for step in parsed], "dtype": dtype, "device": str(next(net.parameters()).device),
+    report = {"model": str(model), "apply": [str(step) for step in parsed], "dtype": dtype,
+              "device": str(next(net.parameters()).device),
               "limit": limit, "batch_size": batch_size,
               "seconds": round(time.perf_counter() - start, 2),
               "tasks": {name: result.to_json() for name, result in results.items()}}

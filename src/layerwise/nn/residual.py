@@ -3,9 +3,10 @@
 A scheme threads a *depth state* through the layers: `start(h)` from the embedding output, `step(state, i,
 layer, ctx)` for the layer at execution position i (which it records as `ctx.position`, the layer's KV-cache
 slot: under a layer program one stored layer runs at several positions), and `readout(state)`, the hidden
-state the final norm would read if the layers stopped here. `forward` is just that loop. The state is what must be kept to continue from layer i: the
-stream h for the standard scheme, the list of depth sources under AttnRes. Steps never modify a state in
-place, so diagnostics can cache every layer's state and resume from any of them with layers skipped.
+state the final norm would read if the layers stopped here. `forward` is just that loop. The state is what
+must be kept to continue from layer i: the stream h for the standard scheme, the list of depth sources under
+AttnRes. Steps never modify a state in place, so diagnostics can cache every layer's state and resume from
+any of them with layers skipped.
 
 The standard scheme lets each layer's placement do the residual add; the AttnRes schemes call each
 sublayer's `branch` (its output before any residual add) and route the inputs themselves.
