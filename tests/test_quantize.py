@@ -104,6 +104,8 @@ def test_saved_folder_reloads_with_identical_logits_and_is_smaller(name, tmp_pat
     assert torch.equal(_logits(loaded, ids), _logits(model, ids))
     assert loaded.config.layerwise_quantization == model.config.layerwise_quantization
     assert [type(m) for m in loaded.modules()] == [type(m) for m in model.modules()]
+    assert [(n, p.dtype, p.shape) for n, p in loaded.named_parameters()] == [
+        (n, p.dtype, p.shape) for n, p in model.named_parameters()]
     assert (tmp_path / "q" / WEIGHTS_FILE).stat().st_size < (tmp_path / "float" / "model.safetensors").stat().st_size
 
 

@@ -175,10 +175,11 @@ def load_quantized_weights(model: nn.Module, folder: Path) -> None:
                         "the whole folder `layerwise quantize` wrote")
     tensors = load_file(str(path))
     quantized = quantized_modules(model)
-    for name, module in quantized.items():  # HQQ's own loader, so its codes stay plain tensors as after quantizing
+    for name, module in quantized.items():
         prefix = name + "."
         module.load_state_dict({key[len(prefix):]: tensors.pop(key) for key in list(tensors)
                                 if key.startswith(prefix)})
+        module.W_q = nn.Parameter(module.W_q, requires_grad=False)  # a Parameter, as after quantizing
     fresh = model.state_dict()
     aliases: dict[tuple, list[str]] = {}
     for key, tensor in fresh.items():

@@ -141,4 +141,8 @@ class Quantize(Step):
             self.refuse(str(err))
 
     def apply(self, model):
+        from ..loading import forget_dequantized_gguf
+
+        # A model read from a GGUF holds floats but keeps transformers' GGUF quantizer, which would refuse the save.
+        forget_dequantized_gguf(model, f"--apply {self.text!r}")
         return quantize_model(model, self.spec)
