@@ -340,7 +340,8 @@ def _plan_bits(net, tokenizer, avg_bits, widths, order, seed, data, tokens, seq_
     with console.status(f"{order}: ranking {len(depth_view(net).layers)} layers on {n_tokens:,} calibration "
                         "tokens ..."):
         plan = plan_bits(net, depth_view(net), batches, avg_bits=avg_bits, widths=widths, order=order, seed=seed)
-    console.print(f"{order}: planned {plan.avg_bits:.3f} bits per weight for a target of {avg_bits}")
+    console.print(f"{order}: planned {plan.avg_bits:.3f} bits per weight (nominal widths, before the scale and zero "
+                  f"of each group) for a target of {avg_bits}")
     return {**plan.to_json(), "step": plan.step(),
             "calibration": {"data": data or "embedded Shakespeare", "tokens": n_tokens, "seq_len": seq_len,
                             "batch_size": batch_size}}
