@@ -17,7 +17,7 @@ from .diagnose.cli import diagnose_command
 from .evaluate.cli import eval_command
 from .report.cli import report_command
 from .train.cli import compare_command, presets_command, train_command
-from .transform.cli import prune_command, transform_command
+from .transform.cli import prune_command, quantize_command, transform_command
 
 app = typer.Typer(
     help="layerwise: build, train, diagnose and transform the depth axis of transformer language models.",
@@ -42,6 +42,7 @@ app.command("eval")(eval_command)
 app.command("report")(report_command)
 app.command("prune")(prune_command)
 app.command("transform")(transform_command)
+app.command("quantize")(quantize_command)
 
 
 def main() -> None:

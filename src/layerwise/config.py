@@ -113,6 +113,8 @@ class ModelConfig(PreTrainedConfig):
     layerwise_source: str | None = None
     # The Hugging Face family (model_type) a `to-layerwise` conversion read, which `to-hf` writes back by default.
     layerwise_hf_family: str | None = None
+    # Set by the `quantize` step: backend, group size and each stored layer's width (docs/quantization.md).
+    layerwise_quantization: dict | None = None
 
     def __post_init__(self, **kwargs):
         if kwargs.pop("model_type", self.model_type) != self.model_type:

@@ -13,6 +13,7 @@ import transformers
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .arch import SUPPORTED_FAMILIES
+from .arch.quantized import QUANTIZATION_KEY
 from .data.corpus import shakespeare_text
 from .errors import UserError
 from .model import LayerwiseForCausalLM  # importing it registers model_type "layerwise" with the Auto classes
@@ -79,9 +80,13 @@ def _load_gguf(path: Path, dtype):
 
 
 def _load_folder(folder: Path, dtype, tokenizer_from: Path | None = None):
-    _check_causal_lm(folder)
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, output_loading_info=True)
-    _refuse_new_weights(folder, info)
+    record = _check_causal_lm(folder).get(QUANTIZATION_KEY)
+    if record is not None:
+        model = _load_quantized(folder, record, dtype)
+    else:
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype,
+                                                                         output_loading_info=True)
+        _refuse_new_weights(folder, info)
     tokenizer = None
     if tokenizer_from is not None:
         tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_from))
@@ -90,11 +95,29 @@ def _load_folder(folder: Path, dtype, tokenizer_from: Path | None = None):
     return model, tokenizer
 
 
+def _load_quantized(folder: Path, record, dtype):
+    """A folder `layerwise quantize` wrote (docs/quantization.md): the float model built from config.json, HQQ
+    modules where the recorded widths put them, then quantized.safetensors."""
+    from .arch.quantized import BACKEND, install_shells, load_quantized_weights
+
+    where = folder / "config.json"
+    if not isinstance(record, dict) or record.get("backend") != BACKEND:
+        raise UserError(f"{where}: {QUANTIZATION_KEY} should name backend {BACKEND!r}; the folder was not written "
+                        "by `layerwise quantize`, or was edited")
+    config = transformers.AutoConfig.from_pretrained(folder)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    install_shells(model, record, dtype, str(where))
+    load_quantized_weights(model, folder)
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = transformers.GenerationConfig.from_pretrained(folder)
+    return model.eval()
+
+
 def _causal_lm_classes() -> set[str]:
     return set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) | {LayerwiseForCausalLM.__name__}
 
 
-def _check_causal_lm(folder: Path) -> None:
+def _check_causal_lm(folder: Path) -> dict:
     """Read config.json alone and refuse, by name, what AutoModelForCausalLM would reject with a 3 KB list of
     config classes, or load with a freshly initialised head (an encoder saved without its LM head)."""
     config_file = folder / "config.json"
@@ -117,6 +140,7 @@ def _check_causal_lm(folder: Path) -> None:
         raise UserError(f"{config_file}: architectures {architectures} is not a causal LM (it has no trained "
                         f"next-token head, so one would be initialised at random); pass a *ForCausalLM model "
                         f"({supported})")
+    return config
 
 
 def _refuse_new_weights(where: Path, info: dict) -> None:

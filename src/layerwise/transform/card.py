@@ -8,7 +8,7 @@ import datetime
 
 from torch import nn
 
-from .steps import SOURCE_KEY, TRANSFORMS_KEY
+from .steps import QUANTIZATION_KEY, SOURCE_KEY, TRANSFORMS_KEY
 
 
 def _origin_summary(origin: list[int]) -> str:
@@ -41,7 +41,16 @@ def model_card(model: nn.Module) -> str:
     order = getattr(config, "layer_order", None)
     if order:
         lines.append(f"- stored layer run at each position (tied weights): {_origin_summary(list(order))}")
+    quantization = getattr(config, QUANTIZATION_KEY, None)
+    if quantization is not None:
+        lines.append(f"- quantized with {quantization['backend']} {quantization['version']} (group size "
+                     f"{quantization['group_size']}); bits of each layer (16 = floating point): "
+                     f"{', '.join(map(str, quantization['layer_bits']))}; bits per weight on disk: "
+                     f"{quantization['avg_bits_layers']} in the layers' linears, {quantization['avg_bits_model']} "
+                     f"over the model; kept in floating point: {', '.join(quantization['kept_in_float'])}")
     lines.append(f"- written: {datetime.date.today().isoformat()}")
+    if quantization is not None:
+        return "\n".join(lines + _quantized_loading())
     load = "from transformers import AutoModelForCausalLM"
     if family == "layerwise":
         load = "import layerwise  # registers model_type \"layerwise\" with the Auto classes\n" + load
@@ -59,3 +68,22 @@ def model_card(model: nn.Module) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _quantized_loading() -> list[str]:
+    return [
+        "",
+        "## Loading",
+        "",
+        "The weights are in `quantized.safetensors`, layerwise's own format (its docs/quantization.md): the decoder "
+        "layers' linears as HQQ packed codes with float16 scales and zeros, everything else in floating point. "
+        "`AutoModelForCausalLM.from_pretrained` cannot read it (it finds no model.safetensors); layerwise can:",
+        "",
+        "```python",
+        "from layerwise.loading import load_model  # needs `pip install 'layerwise[quantize]'`",
+        "model, tokenizer = load_model(\"path/to/this/folder\")",
+        "```",
+        "",
+        "`layerwise eval path/to/this/folder` and `layerwise diagnose path/to/this/folder` score and inspect it.",
+        "",
+    ]

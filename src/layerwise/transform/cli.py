@@ -172,6 +172,8 @@ def transform_command(
       pre-crmsnorm             Pre-LN -> Pre-CRMSNorm: the same, with the stream compressed to d-1
       to-layerwise             a Llama-family (or GPT-2) HF model as a LayerwiseForCausalLM, same logits
       to-hf                    a layerwise model back to its HF family (to-hf=FAMILY picks one)
+      quantize=4/2:10-14/8:0   per-layer HQQ widths (2/3/4/8, 16 = float) for the layers' linears; last
+                               step; saved as quantized.safetensors (load with layerwise.loading.load_model)
 
     Example: layerwise transform path/to/SmolLM2-135M-Instruct.Q4_1.gguf --apply layers=0-15,12-15,16-29 --out runs/smollm2-34l
     """
@@ -191,4 +193,155 @@ def transform_command(
         save_transformed(net, tokenizer, out, overwrite)
     done = f"applied {', '.join(map(str, parsed))}" if parsed else "no steps: saved as loaded"
     console.print(f"{done}: {n_before} -> {net.config.num_hidden_layers} layers")
-    console.print(f"outputs: {out} (load with AutoModelForCausalLM.from_pretrained; README.md says how it was made)")
+    loader = ("layerwise.loading.load_model" if getattr(net.config, "layerwise_quantization", None) is not None
+              else "AutoModelForCausalLM.from_pretrained")
+    console.print(f"outputs: {out} (load with {loader}; README.md says how it was made)")
+
+
+QUANT_PLAN_FILE = "quant_plan.json"
+
+
+def quantize_command(
+    model: str = MODEL,
+    bits: Optional[str] = typer.Option(None, "--bits", help="The widths, as the quantize step writes them: "
+                                       "BITS[/BITS:LAYERS]..., e.g. 4/2:10-14,20/8:0,29 (every layer at 4 bits, "
+                                       "10-14 and 20 at 2, 0 and 29 at 8); widths 2, 3, 4, 8, or 16 (float). "
+                                       "Layers 0-based, ranges inclusive."),
+    avg_bits: Optional[float] = typer.Option(None, "--avg-bits", help="Target average bits per weight over the "
+                                             "decoder layers' linears; --order ranks the layers on calibration "
+                                             "text and the least important get the lower widths (instead of "
+                                             "--bits)."),
+    widths: Optional[str] = typer.Option(None, "--widths", help="Widths --avg-bits may use (default 2,3,4,8)."),
+    order: Optional[str] = typer.Option(None, "--order", help="How --avg-bits ranks layers: lim (how little a "
+                                        "layer changes its input), zd (share of outlier weights), removal (loss "
+                                        "when the layer is skipped), random (control; --seed). Default lim."),
+    seed: int = typer.Option(0, "--seed", help="Seed of --order random."),
+    data: Optional[str] = typer.Option(None, help="Calibration text file or token shard (.bin) for --avg-bits; "
+                                                  "default: embedded Shakespeare."),
+    tokens: int = typer.Option(4096, help="Calibration tokens."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration sequence."),
+    batch_size: int = typer.Option(2, "--batch-size", help="Sequences per forward."),
+    group: Optional[int] = typer.Option(None, "--group", help="HQQ group size: weights sharing one scale and "
+                                                              "zero (default 64)."),
+    out: Path = out_option(..., "the quantized model (quantized.safetensors, config.json), its tokenizer and, "
+                                "with --avg-bits, quant_plan.json"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it holds another model (the new "
+                                                             "model is written whole first)."),
+):
+    """Quantize the decoder layers' linears with HQQ, each layer at its own width, and save the result.
+
+    Either give the widths (--bits) or a target average (--avg-bits) that a layer ranking (--order) on
+    calibration text turns into widths; the ranking, each layer's width and the achieved average go to
+    quant_plan.json in --out. Embeddings, the LM head and norms stay in floating point. The folder holds
+    quantized.safetensors, not model.safetensors: load it with layerwise.loading.load_model(DIR), or score it
+    with `layerwise eval DIR` (docs/quantization.md describes the format).
+
+    Examples: layerwise quantize path/to/SmolLM2-135M-Instruct.Q4_1.gguf --bits 4/8:0,29 --out runs/smollm2-q4
+    layerwise quantize path/to/SmolLM2-135M-Instruct.Q4_1.gguf --avg-bits 3.5 --order lim --out runs/smollm2-q35
+    """
+    from ..arch.quantized import WEIGHTS_FILE, hqq_linear_class
+    from ..loading import check_token_windows, load_model
+    from ..outputs import check_model_destination
+    from .quantize import DEFAULT_GROUP, BitSpec, check_quantizable, parse_bit_spec
+    from .save import save_transformed
+    from .steps import apply
+
+    if (bits is None) == (avg_bits is None):
+        raise UserError("give exactly one of --bits SPEC (the widths) and --avg-bits X (a target a --order "
+                        "ranking turns into widths)")
+    if group is not None and group < 1:
+        raise UserError(f"--group {group}: use a positive group size, e.g. 64")
+    spec = None
+    if bits is not None:
+        for option, value in (("--widths", widths), ("--order", order), ("--data", data)):
+            if value is not None:
+                raise UserError(f"{option} is for --avg-bits; --bits names every width itself, so drop {option}")
+        try:
+            spec = parse_bit_spec(bits)
+        except ValueError as err:
+            raise typer.BadParameter(str(err), param_hint="--bits") from None
+        if group is not None and "group=" in bits:
+            raise UserError("give the group size once: in --bits (/group=N) or as --group")
+        if group is not None:
+            spec = BitSpec(spec.default, spec.overrides, group)
+    else:
+        from ..diagnose.quantization import WIDTHS, check_bit_request
+
+        width_list = list(WIDTHS)
+        if widths is not None:
+            try:
+                width_list = [int(w) for w in widths.split(",")]
+            except ValueError:
+                raise typer.BadParameter(f"{widths!r} is not a comma list of widths, e.g. 2,3,4,8",
+                                         param_hint="--widths") from None
+        order = order or "lim"
+        check_bit_request(avg_bits, width_list, order)
+        check_token_windows(tokens, seq_len, batch_size)
+    hqq_linear_class()  # a missing extra fails before the model is read
+    check_model_destination(out, overwrite, source=model)
+    with console.status(f"loading {model} ..."):
+        net, tokenizer = load_model(model)
+    float_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
+    plan = None
+    if spec is None:
+        try:  # the smallest width everywhere: group sizes and tied layers are refused before minutes of ranking
+            check_quantizable(net, BitSpec(min(width_list), group_size=group or DEFAULT_GROUP))
+        except ValueError as err:
+            raise UserError(f"cannot quantize {model}: {err}") from None
+        plan = _plan_bits(net, tokenizer, avg_bits, width_list, order, seed, data, tokens, seq_len, batch_size)
+        step = plan["step"] + (f"/group={group}" if group is not None else "")
+    else:
+        step = f"quantize={bits}" + (f"/group={group}" if group is not None else "")
+    with console.status(f"applying {step} ..."):
+        net = apply(net, [step], source=model)
+    extra = {QUANT_PLAN_FILE: json.dumps({"model": str(model), **plan}, indent=1)} if plan is not None else {}
+    with console.status(f"saving to {out} ..."):
+        save_transformed(net, tokenizer, out, overwrite, extra_files=extra)
+    record = net.config.layerwise_quantization
+    _print_bits(record, net)
+    size = (out / WEIGHTS_FILE).stat().st_size
+    console.print(f"average bits per weight: {record['avg_bits_layers']:.3f} over the decoder layers' linears, "
+                  f"{record['avg_bits_model']:.3f} over the whole model (scales, zeros and float parts counted)")
+    console.print(f"size on disk: {out / WEIGHTS_FILE} {size / 2**20:.2f} MiB ({size:,} bytes; the float model's "
+                  f"weights: {float_bytes / 2**20:.2f} MiB)")
+    plan_note = f", {out / QUANT_PLAN_FILE}" if plan is not None else ""
+    console.print(f"outputs: {out} (load with layerwise.loading.load_model; `layerwise eval {out}` scores it)"
+                  f"{plan_note}")
+
+
+def _print_bits(record: dict, net) -> None:
+    from rich.table import Table
+
+    from .prune import original_layer_indices
+
+    bits = record["layer_bits"]
+    origin = original_layer_indices(net.config) if getattr(net.config, "layer_order", None) is None else None
+    table = Table(title=f"HQQ widths (group size {record['group_size']}; 16 = left in floating point)")
+    for column in ("layer", *(("original layer",) if origin and origin != list(range(len(bits))) else ()), "bits"):
+        table.add_column(column, justify="right")
+    for index, width in enumerate(bits):
+        shown = [str(index)]
+        if origin and origin != list(range(len(bits))):
+            shown.append(str(origin[index]))
+        table.add_row(*shown, str(width))
+    console.print(table)
+    console.print(f"kept in floating point: {', '.join(record['kept_in_float'])}")
+
+
+def _plan_bits(net, tokenizer, avg_bits, widths, order, seed, data, tokens, seq_len, batch_size) -> dict:
+    """Rank the layers on calibration text and allocate the widths; quant_plan.json holds the result."""
+    from ..diagnose import depth_view
+    from ..diagnose.metrics import token_batches
+    from ..diagnose.quantization import plan_bits
+    from ..loading import load_tokens
+
+    batches = list(token_batches(load_tokens(data, tokenizer, tokens), seq_len, batch_size, tokens))
+    n_tokens = sum(b.numel() for b in batches)
+    with console.status(f"{order}: ranking {len(depth_view(net).layers)} layers on {n_tokens:,} calibration "
+                        "tokens ..."):
+        plan = plan_bits(net, depth_view(net), batches, avg_bits=avg_bits, widths=widths, order=order, seed=seed)
+    console.print(f"{order}: planned {plan.avg_bits:.3f} bits per weight (nominal widths, before the scale and zero "
+                  f"of each group) for a target of {avg_bits}")
+    return {**plan.to_json(), "step": plan.step(),
+            "calibration": {"data": data or "embedded Shakespeare", "tokens": n_tokens, "seq_len": seq_len,
+                            "batch_size": batch_size}}

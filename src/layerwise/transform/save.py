@@ -6,6 +6,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ..arch.quantized import is_quantized, save_quantized_weights
 from ..errors import UserError
 from ..loading import forget_dequantized_gguf
 from ..outputs import write_model_folder
@@ -22,8 +23,9 @@ def save_transformed(model: nn.Module, tokenizer, out_dir: str | Path, overwrite
     The folder is written whole or not at all (`layerwise.outputs.write_model_folder`); a non-empty `out_dir`
     is refused unless `overwrite`, so a model never ends up beside another model's or run's files. A model read
     from a GGUF file loses its quantization bookkeeping first (its weights are floats already), so the folder is
-    an ordinary float checkpoint. A model a step marked unsaveable (tied layers in an HF family) is refused
-    before anything is written.
+    an ordinary float checkpoint. A quantized model (the `quantize` step) is written as config.json and
+    quantized.safetensors, which only `load_model` reads (docs/quantization.md). A model a step marked
+    unsaveable (tied layers in an HF family) is refused before anything is written.
     """
     why = save_refusal(model)
     if why is not None:
@@ -31,7 +33,13 @@ def save_transformed(model: nn.Module, tokenizer, out_dir: str | Path, overwrite
     forget_dequantized_gguf(model, f"--out {out_dir}")
 
     def save(folder: Path) -> None:
-        model.save_pretrained(folder)  # transformers 5 always writes safetensors
+        if is_quantized(model):  # our own format (layerwise.arch.quantized): config.json + quantized.safetensors
+            model.config.save_pretrained(folder)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(folder)
+            save_quantized_weights(model, folder)
+        else:
+            model.save_pretrained(folder)  # transformers 5 always writes safetensors
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         (folder / "README.md").write_text(model_card(model))

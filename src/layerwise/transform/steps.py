@@ -22,9 +22,10 @@ from ..errors import UserError
 # Provenance keys written into the model's config (HF configs keep unknown keys in config.json).
 TRANSFORMS_KEY = "layerwise_transforms"  # the steps applied so far, in order, as written
 SOURCE_KEY = "layerwise_source"  # what the first transform read (a path, as given)
+QUANTIZATION_KEY = "layerwise_quantization"  # written by the `quantize` step: backend, group size, widths
 
 # Modules whose import registers steps; imported on first use so `layerwise --help` stays light.
-_STEP_MODULES = (".prune", ".program", ".norms", ".convert")
+_STEP_MODULES = (".prune", ".program", ".norms", ".convert", ".quantize")
 
 
 class Step:
@@ -35,6 +36,9 @@ class Step:
     argument: ClassVar[str] = "none"
     argument_help: ClassVar[str] = ""  # e.g. 'layers, 0-based, ranges inclusive: "12-15,20"'
     summary: ClassVar[str] = ""
+    # Whether the step can run on a quantized model (its decoder linears are packed HQQLinear modules, which
+    # no reshaping or folding step can edit).
+    takes_quantized: ClassVar[bool] = False
 
     def __init__(self, text: str, value: str | None):
         self.text = text
@@ -113,6 +117,9 @@ def apply(model: nn.Module, steps: Iterable[str | Step], source: str | None = No
     parsed = parse_steps(steps)
     origin = getattr(model.config, SOURCE_KEY, None) or (str(source) if source is not None else None)
     for step in parsed:
+        if getattr(model.config, QUANTIZATION_KEY, None) is not None and not step.takes_quantized:
+            step.refuse(f"step {step.name!r} cannot run on a quantized model (its layers' linears are packed); "
+                        "run it before `quantize`, which must be the last step")
         step.check(model)
         history = list(getattr(model.config, TRANSFORMS_KEY, None) or [])
         model = step.apply(model)  # may be a new model with a new config: the history moves to it
