@@ -214,3 +214,16 @@ def test_diagnose_reads_a_quantized_folder(tmp_path):
                                  "--data", str(shard), "--out", str(tmp_path / "d")])
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert json.loads((tmp_path / "d" / "diagnosis.json").read_text())["n_layers"] == 4
+
+
+def test_a_weight_dequantized_once_computes_what_hqq_computes_at_every_call():
+    model = apply(hf_model("llama"), ["quantize=3/group=32"])
+    module = next(m for m in model.modules() if isinstance(m, HQQLinear))
+    x = torch.randn(2, 5, module.in_features)
+    with torch.no_grad():
+        first, second = module(x), module(x)
+        reference = HQQLinear.forward_pytorch(module, x)  # HQQ's own path: de-quantizes now
+    assert module._weight is not None  # kept between calls under no_grad
+    assert torch.equal(first, reference) and torch.equal(second, reference)
+    with torch.enable_grad():  # training goes through HQQ's autograd path and drops the copy
+        assert torch.equal(module(x).detach(), reference) and module._weight is None

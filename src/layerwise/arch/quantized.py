@@ -18,6 +18,7 @@ the file reloads into.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -36,12 +37,44 @@ FLOAT_WIDTH = 16  # a layer written with this width keeps its linears in floatin
 
 
 def hqq_linear_class():
-    """`HQQLinear`, or a one-line UserError saying how to install the extra."""
+    """The HQQLinear class our quantized models use, or a one-line UserError saying how to install the extra."""
     try:
         from hqq.core.quantize import HQQLinear
     except ImportError:
         raise UserError("quantization needs the hqq package; run `pip install 'layerwise[quantize]'`") from None
-    return HQQLinear
+    return _dequantize_once(HQQLinear)
+
+
+@functools.cache
+def _dequantize_once(HQQLinear: type) -> type:
+    class DequantizeOnceHQQLinear(HQQLinear):
+        """HQQLinear that keeps its de-quantized weight while no gradient is taken.
+
+        HQQ's PyTorch backend de-quantizes the weight at every call, which on CPU makes a forward several times
+        slower than the float model's; evaluation and decoding reuse the same weight, so it is de-quantized
+        once, at first use, and the float copy is held in memory (the file on disk stays packed). The output is
+        HQQ's own computation: a matmul with the same weight, then the bias.
+        """
+
+        _weight = None
+
+        # HQQLinear's __init__ sets `forward` to its class's backend method, this one by default.
+        def forward_pytorch_backprop(self, x):
+            if torch.is_grad_enabled():
+                self._weight = None
+                return super().forward_pytorch_backprop(x)
+            if self._weight is None:
+                self._weight = self.dequantize()
+            out = torch.matmul(x, self._weight.t())
+            if self.bias is not None:
+                out += self.bias
+            return out
+
+        def load_state_dict(self, *args, **kwargs):
+            self._weight = None
+            return super().load_state_dict(*args, **kwargs)
+
+    return DequantizeOnceHQQLinear
 
 
 def _quantize_config(nbits: int, group_size: int) -> dict:
