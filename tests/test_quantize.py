@@ -227,3 +227,17 @@ def test_a_weight_dequantized_once_computes_what_hqq_computes_at_every_call():
     assert torch.equal(first, reference) and torch.equal(second, reference)
     with torch.enable_grad():  # training goes through HQQ's autograd path and drops the copy
         assert torch.equal(module(x).detach(), reference) and module._weight is None
+
+
+def test_layers_quantize_independently_so_mixed_models_assemble_from_uniform_ones():
+    # scripts/quantization_study.py quantizes each width once and assembles every plan from those layers.
+    from layerwise.arch.quantized import quantized_modules
+
+    mixed = apply(hf_model("llama"), ["quantize=4/2:1"])
+    assembled = apply(hf_model("llama"), ["quantize=4"])
+    two_bit = stored_layers(apply(hf_model("llama"), ["quantize=2"]))[1]
+    for name, module in quantized_modules(two_bit).items():
+        parent, _, child = name.rpartition(".")
+        setattr(stored_layers(assembled)[1].get_submodule(parent), child, module)
+    ids = torch.randint(0, 100, (2, 16))
+    assert torch.equal(_logits(mixed, ids), _logits(assembled, ids))
