@@ -42,6 +42,7 @@ class ReferenceSchedule:
     eot: int
     bos: int
     source: str
+    training: dict  # the reference's optimisation, as TrainConfig fields (warmup as a fraction of the run)
 
     def events(self, total_steps: int, n_layers: int, tokens_per_step: int | None = None) -> list[tuple[int, str]]:
         """(step, what) for a run of `total_steps` on `n_layers` layers, in removal order. The start, final-norm,
@@ -81,9 +82,11 @@ class ReferenceSchedule:
 SCHEDULES = {
     s.name: s for s in (
         # config.py "standard" GPT-2 small: ln_2 at 20 + 2i, ln_1 Q/K at 44 + 2i, ln_1 V at 68 + 3i, ln_f at 104.
-        ReferenceSchedule("baroni", 300, 12, 20, (2, 2, 3), 104, 106, 116, "Baroni et al. 2025, GPT-2 small"),
+        ReferenceSchedule("baroni", 300, 12, 20, (2, 2, 3), 104, 106, 116, "Baroni et al. 2025, GPT-2 small",
+                          dict(lr=6e-4, min_lr_ratio=0.5, warmup=20 / 300, weight_decay=0.01)),
         # ln2_i at 200 + 20i, ln1QK_i at 440 + 20i, ln1V_i at 680 + 30i, ln_f at 1040, EOT 1060, BOS 1160.
-        ReferenceSchedule("heimersheim", 2000, 12, 200, (20, 20, 30), 1040, 1060, 1160, "Heimersheim 2024"),
+        ReferenceSchedule("heimersheim", 2000, 12, 200, (20, 20, 30), 1040, 1060, 1160, "Heimersheim 2024",
+                          dict(lr=6e-4, min_lr_ratio=0.1, warmup=100 / 2000, weight_decay=0.1)),
     )
 }
 
@@ -171,8 +174,7 @@ class NormRemoval(TrainerCallback):
         if not isinstance(model, LayerwiseForCausalLM):
             raise UserError(f"remove-norms takes layerwise Pre-LN models and GPT-2, not "
                             f"{getattr(model.config, 'model_type', type(model).__name__)!r}")
-        if model.config.norm != "fakeln":
-            model = with_fake_norms(model, self.eot_token_id)
+        model = with_fake_norms(model, self.eot_token_id)
         self.events = self.schedule.events(train_config.total_steps, model.config.n_layers,
                                            train_config.tokens_per_step)
         return model
