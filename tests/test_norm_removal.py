@@ -210,6 +210,24 @@ def test_freeze_computes_the_fake_model_exactly_with_the_value_std_folded_into_v
     assert frozen.config.qkv_bias != bias  # a model without biases gets a value bias (zero q/k biases)
     assert data_dependent_norms(frozen) == [] and data_dependent_norms(fake) != []
     assert {type(m) for m in frozen.modules() if "Norm" in type(m).__name__} == {FrozenScaleNorm}
+    tracked_stds(fake)["ln1v.2"].fake = False
+    with pytest.raises(ValueError, match=r"not yet: \['ln1v.2'\]"):
+        freeze(fake)
+
+
+def test_end_of_text_tokens_read_the_first_position_std_on_the_value_path_only():
+    """Tokens before the first EOT see no difference; the EOT token's own output changes through its values."""
+    model = tiny_model("pre-ln", dtype=torch.float64)
+    fake = _all_fake(with_fake_norms(model, eot_token_id=7))
+    ids = torch.tensor([[3, 9, 4, 7, 2, 8]])
+    plain = fake(ids).logits
+    for scale in tracked_stds(fake).values():
+        scale.eot_special = True
+    special = fake(ids).logits
+    assert torch.equal(special[:, :3], plain[:, :3]) and not torch.allclose(special[:, 3:], plain[:, 3:])
+    for name, scale in tracked_stds(fake).items():
+        scale.eot_special = name.startswith("ln1v")
+    torch.testing.assert_close(fake(ids).logits, special, rtol=0, atol=0)
 
 
 def test_the_exported_model_reloads_and_its_cached_generate_equals_full_forwards(tmp_path):

@@ -207,7 +207,8 @@ def remove_norms_command(
     from .trainer import train as run_training
 
     run_training(cfg, console, callbacks=[removal])
-    export_removed(Path(out), removal, cfg.total_steps, console)
+    export_removed(Path(out), removal, cfg.total_steps, console, source=model,
+                   how=f"remove-norms={schedule} ({cfg.total_steps} steps)")
 
 
 def _eot_token_id(model: Path) -> int | None:
@@ -224,9 +225,9 @@ def _eot_token_id(model: Path) -> int | None:
     return None
 
 
-def export_removed(run: Path, removal, total_steps: int, console: Console) -> None:
+def export_removed(run: Path, removal, total_steps: int, console: Console, source: str, how: str) -> None:
     """The run's last checkpoint with every norm switched, as a norm="frozen" model in RUN/model (and a stock
-    GPT-2 in RUN/model-gpt2 when it came from one)."""
+    GPT-2 in RUN/model-gpt2 when it came from one); config.json records `source` and `how` it was made."""
     from ..loading import load_model
     from ..transform.save import save_transformed
     from .norm_removal import as_gpt2_layernorm, data_dependent_norms, freeze, set_removal_state
@@ -234,6 +235,8 @@ def export_removed(run: Path, removal, total_steps: int, console: Console) -> No
     fake, tokenizer = load_model(run)
     set_removal_state(fake, removal.events, total_steps)
     frozen = freeze(fake)
+    frozen.config.layerwise_source = frozen.config.layerwise_source or source
+    frozen.config.layerwise_transforms = [*(frozen.config.layerwise_transforms or []), how]
     left = data_dependent_norms(frozen)
     assert not left, f"norms with a data-dependent scale left: {left}"
     save_transformed(frozen, tokenizer, run / "model", overwrite=True)

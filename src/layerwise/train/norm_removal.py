@@ -188,33 +188,36 @@ def freeze(model: LayerwiseForCausalLM) -> LayerwiseForCausalLM:
     """The FakeLN `model` with every norm switched (no special positions) as a norm="frozen" model computing
     the same function: each norm's sigma is its tracked std (ln_1's is the Q/K use's). The value use's own std
     is folded into v_proj: with s = sigma_qk / sigma_v, W' = s W and b' = b + (1 - s) W beta, adding a value
-    bias (qkv_bias) when the model has none."""
-    fields = _fields(model.config)
-    for field in ("fakeln_momentum", "fakeln_eot_token_id"):
+    bias (qkv_bias, the query and key biases zero) when the model has none."""
+    live = [name for name, scale in tracked_stds(model).items()
+            if not scale.fake or scale.bos_special or scale.eot_special]
+    if live:
+        raise ValueError(f"freeze needs every FakeLN use switched and no special position; not yet: {live}")
+    fields = {**_fields(model.config), "norm": "frozen"}
+    for field in ("fakeln_momentum", "fakeln_eot_token_id"):  # read by fakeln only
         fields[field] = ModelConfig.__dataclass_fields__[field].default
-    needs_bias = not (fields["bias"] or fields["qkv_bias"])
-    frozen = LayerwiseForCausalLM(ModelConfig(**{**fields, "norm": "frozen", "qkv_bias": fields["qkv_bias"]
-                                                 or needs_bias})).to(next(model.parameters()).dtype)
-    state = {k: v for k, v in model.state_dict().items() if ".uses." not in k}
-    missing, unexpected = frozen.load_state_dict(state, strict=False)
-    assert not unexpected, unexpected
+    add_value_bias = fields["norm_bias"] and not (fields["bias"] or fields["qkv_bias"])
+    fields["qkv_bias"] = fields["qkv_bias"] or add_value_bias
+    frozen = LayerwiseForCausalLM(ModelConfig(**fields)).to(next(model.parameters()).dtype)
+    added = {".sigma"} | ({"q_proj.bias", "k_proj.bias", "v_proj.bias"} if add_value_bias else set())
+    missing, unexpected = frozen.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if ".uses." not in k}, strict=False)
+    assert not unexpected and all(key.endswith(tuple(added)) for key in missing), (missing, unexpected)
     source, target = _decoder(model), _decoder(frozen)
-    pairs = [(source.norm, target.norm, "x")]
+    target.norm.sigma.copy_(source.norm.uses["x"].std)
     for layer, new in zip(source.layers, target.layers):
-        pairs += [(layer.mlp.norm_in, new.mlp.norm_in, "x"), (layer.attn.norm_in, new.attn.norm_in, "qk")]
-        s = layer.attn.norm_in.uses["qk"].std / layer.attn.norm_in.uses["v"].std
-        v, beta = layer.attn.fn.v_proj, layer.attn.norm_in.bias
-        shift = (1 - s) * (v.weight @ beta) if beta is not None else torch.zeros_like(v.weight[:, 0])
-        new_v = new.attn.fn.v_proj
+        new.mlp.norm_in.sigma.copy_(layer.mlp.norm_in.uses["x"].std)
+        ln_1 = layer.attn.norm_in
+        new.attn.norm_in.sigma.copy_(ln_1.uses["qk"].std)
+        s = ln_1.uses["qk"].std / ln_1.uses["v"].std
+        v, new_v = layer.attn.fn.v_proj, new.attn.fn.v_proj
         new_v.weight.copy_(s * v.weight)
-        new_v.bias.copy_((v.bias if v.bias is not None else 0) + shift)
-        if needs_bias:  # the added query and key biases are zeros: those maps are unchanged
+        if add_value_bias:
             new.attn.fn.q_proj.bias.zero_()
             new.attn.fn.k_proj.bias.zero_()
-    for fake, new, use in pairs:
-        new.sigma.copy_(fake.uses[use].std)
-    nonzero_missing = [k for k in missing if not k.endswith((".sigma", "q_proj.bias", "k_proj.bias", "v_proj.bias"))]
-    assert not nonzero_missing, nonzero_missing
+            new_v.bias.zero_()
+        if ln_1.bias is not None:
+            new_v.bias.add_((1 - s) * (v.weight @ ln_1.bias))
     frozen.generation_config = model.generation_config
     return frozen.eval()
 
