@@ -195,6 +195,7 @@ def remove_norms_command(
     """
     from dataclasses import replace
 
+    from ..errors import UserError
     from .config import apply_overrides
     from .norm_removal import NormRemoval, schedule as reference_schedule
 
@@ -203,6 +204,9 @@ def remove_norms_command(
                                    batch_size=batch_size, seq_len=seq_len, resume=resume, overwrite=overwrite or None),
                         {}, None)
     cfg = apply_overrides(replace(cfg, **reference.training, **({"lr": lr} if lr is not None else {})), sets or [])
+    if cfg.lora_rank:
+        raise UserError("remove-norms fine-tunes every weight (LoRA was reported to fail on GPT-2 small); "
+                        "drop --set lora_rank")
     removal = NormRemoval(schedule, eot_token_id=_eot_token_id(Path(model)))
     from .trainer import train as run_training
 
@@ -216,13 +220,12 @@ def _eot_token_id(model: Path) -> int | None:
     from ..data.tokenizer import eot_id, load_tokenizer
     from ..runs import run_tokenizer
 
-    for folder in (model, model.parent.parent):
-        found = run_tokenizer(folder) if (folder / "checkpoints").is_dir() else None
-        try:
-            return eot_id(load_tokenizer(found or folder))
-        except FileNotFoundError:
-            continue
-    return None
+    run = model.parent.parent if model.parent.name == "checkpoints" else model
+    found = run_tokenizer(run) if (run / "checkpoints").is_dir() else None
+    try:
+        return eot_id(load_tokenizer(found or model))
+    except FileNotFoundError:
+        return None
 
 
 def export_removed(run: Path, removal, total_steps: int, console: Console, source: str, how: str) -> None:

@@ -223,9 +223,9 @@ def freeze(model: LayerwiseForCausalLM) -> LayerwiseForCausalLM:
 
 
 def data_dependent_norms(model: nn.Module) -> list[str]:
-    """The names of the modules of `model` that normalise by a statistic of their input: every layerwise norm
-    but `FrozenScaleNorm`, torch's and HF's LayerNorm/RMSNorm classes (an eps of 1e12 aside, see
-    `as_gpt2_layernorm`)."""
+    """The names of the modules of `model` that normalise by a statistic of their input, by type: every
+    layerwise norm but `FrozenScaleNorm`, and any torch or HF LayerNorm/RMSNorm class (so the stock GPT-2 of
+    `as_gpt2_layernorm` counts: its eps of 1e12 only makes the statistic negligible)."""
     return [name for name, m in model.named_modules()
             if (isinstance(m, Norm) and not isinstance(m, FrozenScaleNorm))
             or (not isinstance(m, Norm) and ("LayerNorm" in type(m).__name__ or "RMSNorm" in type(m).__name__))]
