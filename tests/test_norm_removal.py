@@ -167,6 +167,18 @@ def test_the_trainer_switches_exactly_the_scheduled_norms_at_the_scheduled_steps
     assert config["norm"] == "fakeln"
 
 
+def test_a_checkpoint_saved_mid_removal_reloads_with_its_switches_and_stds(reference_run):
+    from transformers import AutoModelForCausalLM
+
+    run, _, spy = reference_run
+    step_13 = list_checkpoints(run)[0]
+    assert step_13.name == "step_0000013"
+    loaded = AutoModelForCausalLM.from_pretrained(step_13)
+    uses = tracked_stds(loaded)
+    assert {name: (s.fake, s.eot_special, s.bos_special) for name, s in uses.items()} == spy.seen[12]
+    assert all(torch.isfinite(s.std) for s in uses.values())
+
+
 def test_a_removal_interrupted_and_resumed_equals_the_uninterrupted_one(corpus, tmp_path, reference_run):
     """Resumed from step 13, inside the ln_1 Q/K phase: the tracked stds come back from the checkpoint, the
     switches from the step."""

@@ -97,6 +97,9 @@ def parameter_groups(model: nn.Module) -> list[InitGroup]:
         # NaN: no std measured yet; the first training forward starts the EMA from its measurement.
         InitGroup("FakeLN tracked stds", [(t, name) for t in of(TrackedStd) for name in ("std", "std_bos")],
                   Constant(float("nan"))),
+        InitGroup("FakeLN switches off", [(t, "is_fake") for t in of(TrackedStd)], Constant(False)),
+        InitGroup("FakeLN special positions on", [(t, name) for t in of(TrackedStd)
+                                                  for name in ("bos_is_special", "eot_is_special")], Constant(True)),
         InitGroup("AttnRes pseudo-queries", [(m, "query") for m in of(DepthAttention)], Constant(0.0)),
         InitGroup("ResFormer lambda logits", [(m, "lambda_logits") for m in of(ResFormer)], Constant(0.0)),
         InitGroup("ResFormer lambda scale", [(m, "lambda_scale") for m in of(ResFormer)],

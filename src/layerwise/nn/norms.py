@@ -258,11 +258,12 @@ class TrackedStd(nn.Module):
 
     While live and training, `track` keeps an EMA (momentum m: std <- m std + (1 - m) measured) of the
     per-token sqrt(var + eps), averaged over the batch, separately for the first position of the sequence
-    (`std_bos`: it is an attention sink with an atypical norm) and for the others (`std`). Both are persistent
-    buffers, so a checkpoint resumes them; NaN until the first measurement, which the EMA then starts from.
-    The switches are set by the removal schedule (`layerwise.train.norm_removal`) from the step, never stored:
-    `fake` (divide by the constants), `bos_special` (the first position uses `std_bos`), `eot_special` (tokens
-    the caller marks, end-of-text on the value path, use `std_bos` too).
+    (`std_bos`: it is an attention sink with an atypical norm) and for the others (`std`); NaN until the first
+    measurement, which the EMA then starts from. The switches, set by the removal schedule
+    (`layerwise.train.norm_removal`): `fake` (divide by the constants), `bos_special` (the first position uses
+    `std_bos`), `eot_special` (tokens the caller marks, end-of-text on the value path, use `std_bos` too).
+    Stds and switches are persistent buffers, so a checkpoint saved mid-removal reloads as the model it was;
+    the forward selects with `torch.where` rather than reading a switch on the host.
     """
 
     def __init__(self, momentum: float = 0.9):
@@ -270,10 +271,17 @@ class TrackedStd(nn.Module):
         self.momentum = momentum
         self.register_buffer("std", torch.tensor(float("nan")))
         self.register_buffer("std_bos", torch.tensor(float("nan")))
-        self.fake, self.bos_special, self.eot_special = False, True, True
+        self.register_buffer("is_fake", torch.tensor(False))
+        self.register_buffer("bos_is_special", torch.tensor(True))
+        self.register_buffer("eot_is_special", torch.tensor(True))
+
+    fake = property(lambda self: bool(self.is_fake), lambda self, on: self.is_fake.fill_(on))
+    bos_special = property(lambda self: bool(self.bos_is_special), lambda self, on: self.bos_is_special.fill_(on))
+    eot_special = property(lambda self: bool(self.eot_is_special), lambda self, on: self.eot_is_special.fill_(on))
 
     @torch.no_grad()
     def track(self, x: torch.Tensor, eps: float) -> None:
+        """Update the EMAs from x [..., T, d], unless fake (then the constants stay as they are)."""
         per_token = (at_least_float32(x).var(-1, unbiased=False) + eps).sqrt().reshape(-1, x.shape[-2])  # [B, T]
         self._update(self.std_bos, per_token[:, 0].mean())
         if per_token.shape[1] > 1:
@@ -281,16 +289,19 @@ class TrackedStd(nn.Module):
 
     def _update(self, buffer: torch.Tensor, measured: torch.Tensor) -> None:
         m = self.momentum
-        buffer.copy_(torch.where(buffer.isnan(), measured, m * buffer + (1 - m) * measured))
+        updated = torch.where(buffer.isnan(), measured, m * buffer + (1 - m) * measured)
+        buffer.copy_(torch.where(self.is_fake, buffer, updated))
 
     def per_token(self, x: torch.Tensor, eot: torch.Tensor | None) -> torch.Tensor:
-        """The constant std of each token of x [..., T, d], shaped [..., T, 1]."""
-        special = torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
-        if self.bos_special:
-            special[..., 0] = True
-        if self.eot_special and eot is not None:
-            special = special | eot
-        return torch.where(special, self.std_bos, self.std).unsqueeze(-1).to(x.dtype)
+        """The constant std of each token of x [..., T, d], shaped [..., T, 1]; 1 where none is tracked yet,
+        so the unselected branch of a live norm stays finite (NaN would reach the gradients through where)."""
+        first = torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
+        first[..., 0] = True
+        special = first & self.bos_is_special
+        if eot is not None:
+            special = special | (eot & self.eot_is_special)
+        std = torch.where(special, self.std_bos, self.std)
+        return torch.where(std.isnan(), 1.0, std).unsqueeze(-1).to(x.dtype)
 
 
 @register_norm("fakeln")
@@ -334,12 +345,11 @@ class FakeLayerNorm(LayerNorm):
 
     def forward(self, x, use: str = "x", eot: torch.Tensor | None = None):
         scale = self.uses[use]
-        if not scale.fake:
-            if self.training and torch.is_grad_enabled():  # training forwards only: not eval, not telemetry
-                scale.track(x, self.eps)
-            return super().forward(x)
-        y = self.weight * (x - x.mean(-1, keepdim=True)) / scale.per_token(x, eot)
-        return y + self.bias if self.bias is not None else y
+        if self.training and torch.is_grad_enabled():  # training forwards only: not eval, not telemetry
+            scale.track(x, self.eps)
+        fixed = self.weight * (x - x.mean(-1, keepdim=True)) / scale.per_token(x, eot)
+        fixed = fixed + self.bias if self.bias is not None else fixed
+        return torch.where(scale.is_fake, fixed, super().forward(x))
 
 
 def lns_scale(layer_idx: int) -> float:

@@ -114,7 +114,7 @@ def tracked_stds(model: nn.Module) -> dict[str, TrackedStd]:
 
 def set_removal_state(model: nn.Module, events: list[tuple[int, str]], step: int) -> None:
     """The switches of every FakeLN as they are at `step`: an event on step s applies from step s on. A
-    function of the step alone, so a resumed run recomputes them instead of storing them."""
+    function of the step alone: a resumed run sets the ones its checkpoint holds again."""
     uses = tracked_stds(model)
     for at, what in events:
         happened = step >= at
