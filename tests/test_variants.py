@@ -24,6 +24,7 @@ FLAGS = {
     ("norm", "seednorm"): (False, True, True),
     ("norm", "frozen"): (False, True, True),
     ("norm", "crmsnorm"): (False, True, True),
+    ("norm", "fakeln"): (False, True, True),
     ("norm_placement", "pre"): (False, True, True),
     ("norm_placement", "post"): (False, True, True),
     ("norm_placement", "peri"): (False, True, True),

@@ -16,7 +16,7 @@ from .data.cli import data_app
 from .diagnose.cli import diagnose_command
 from .evaluate.cli import eval_command
 from .report.cli import report_command
-from .train.cli import compare_command, presets_command, train_command
+from .train.cli import compare_command, presets_command, remove_norms_command, train_command
 from .transform.cli import prune_command, quantize_command, transform_command
 
 app = typer.Typer(
@@ -43,6 +43,7 @@ app.command("report")(report_command)
 app.command("prune")(prune_command)
 app.command("transform")(transform_command)
 app.command("quantize")(quantize_command)
+app.command("remove-norms")(remove_norms_command)
 
 
 def main() -> None:

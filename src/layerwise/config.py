@@ -68,7 +68,7 @@ class ModelConfig(PreTrainedConfig):
     scaled_init: bool = False  # GPT-2 / Megatron: output projections use init_std / sqrt(2 L)
 
     # Normalization
-    norm: str = "rmsnorm"  # layernorm | rmsnorm | crmsnorm | dyt | bhyt | seednorm | frozen
+    norm: str = "rmsnorm"  # layernorm | rmsnorm | crmsnorm | dyt | bhyt | seednorm | frozen | fakeln
     norm_eps: float = 1e-6
     norm_bias: bool = True  # beta in layernorm / dyt / frozen
     norm_placement: str = "pre"  # pre | post | peri | mixln | deepnorm
@@ -86,6 +86,8 @@ class ModelConfig(PreTrainedConfig):
     seednorm_heads: int = 1
     seednorm_alpha: float = 1.0
     frozen_norm_sigma: float = 1.0
+    fakeln_momentum: float = 0.9  # fakeln: EMA momentum of the tracked per-token std
+    fakeln_eot_token_id: int | None = None  # fakeln: end-of-text tokens on the value path use the first position's std
 
     # Residual scheme
     residual: str = "standard"  # standard | full_attnres | block_attnres | delta_attnres | delta_block_attnres

@@ -31,7 +31,7 @@ class LayerwisePreTrainedModel(PreTrainedModel):
     config_class = ModelConfig
     config: ModelConfig
     base_model_prefix = "model"
-    _no_split_modules = ["Layer", "BHyTParallelLayer"]
+    _no_split_modules = ["Layer", "BHyTParallelLayer", "FakeLNLayer"]
     _supports_sdpa = True
     _skip_keys_device_placement = ["past_key_values"]
 
@@ -127,6 +127,7 @@ class LayerwiseModel(LayerwisePreTrainedModel):
         h, rope = self.position_embedding(h, position_ids)
         ctx = ForwardContext(
             rope=rope, attn_mask=mask, is_causal=is_causal, cache=past_key_values, value_residual=self.value_residual,
+            input_ids=input_ids,
         )
         if self.embedding_multiplier is not None:
             h = h * self.embedding_multiplier

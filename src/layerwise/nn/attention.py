@@ -26,6 +26,7 @@ class ForwardContext:
     # The execution position of the layer running now, set by the residual scheme before each layer: its
     # KV-cache slot and its value-residual index. A layer program runs one stored layer at several positions.
     position: int | None = None
+    input_ids: torch.Tensor | None = None  # [B, T] the tokens of this pass; None when called with embeddings
     extras: dict = field(default_factory=dict)
 
 
@@ -71,11 +72,13 @@ class CausalSelfAttention(nn.Module):
     def output_projection(self):
         return self.o_proj
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, value_input: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of x; values are read from `value_input` when given (a norm split into its Q/K and V
+        uses, `FakeLNLayer`), else from x."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x if value_input is None else value_input).view(B, T, self.n_kv_heads, self.head_dim)
         position = self.layer_idx if ctx.position is None else ctx.position
         if ctx.value_residual is not None:
             # Mixed before the cache update, so the cache holds V' and decoding matches a full forward.

@@ -119,6 +119,30 @@ class BHyTParallelLayer(Layer):
         return x + mlp.hook_out(mlp.fn(mlp.scaled(mlp.norm_in(x, ms_hat)), ctx))
 
 
+class FakeLNLayer(Layer):
+    """A Pre-LN layer whose attention-input norm (a `FakeLayerNorm`) is read twice, by queries and keys
+    (its "qk" use) and by values (its "v" use), so the two can lose their data-dependent scale at different
+    steps of the removal (Baroni et al., arXiv 2507.02559). With both uses live it is the Pre-LN layer. The
+    end-of-text tokens (`fakeln_eot_token_id`) are marked for the value use, which may give them the first
+    position's std."""
+
+    def __init__(self, cfg, layer_idx: int):
+        super().__init__(cfg, layer_idx)
+        self.eot_token_id = cfg.fakeln_eot_token_id
+
+    def eot_mask(self, ctx) -> torch.Tensor | None:
+        if self.eot_token_id is None or ctx.input_ids is None:
+            return None
+        return ctx.input_ids == self.eot_token_id
+
+    def forward(self, x, ctx):
+        attn = self.attn
+        x = attn.hook_in(x)
+        values = attn.norm_in(x, "v", self.eot_mask(ctx))
+        x = x + attn.hook_out(attn.fn(attn.norm_in(x, "qk"), ctx, value_input=values))
+        return self.mlp(x, ctx)
+
+
 def build_layer(cfg, layer_idx: int) -> Layer:
     return variant_of(cfg, "norm").layer_class(cfg)(cfg, layer_idx)
 

@@ -18,7 +18,7 @@ from torch import nn
 from .attention import CausalSelfAttention
 from .block import BHyTParallelLayer
 from .mlp import MLP
-from .norms import BHyT, DyT, FrozenScaleNorm, Norm, SeeDNorm
+from .norms import BHyT, DyT, FrozenScaleNorm, Norm, SeeDNorm, TrackedStd
 from .positions import LearnedPositions
 from .registry import variant_of
 from .residual import DepthAttention
@@ -94,6 +94,12 @@ def parameter_groups(model: nn.Module) -> list[InitGroup]:
         InitGroup("SeeDNorm alpha", [(n, "alpha") for n in of(SeeDNorm)], Constant("alpha0")),
         InitGroup("SeeDNorm beta", [(n, "beta") for n in of(SeeDNorm)], Constant(0.0)),  # SeeDNorm == RMSNorm
         InitGroup("frozen norm scale sigma", [(n, "sigma") for n in of(FrozenScaleNorm)], Constant("sigma0")),
+        # NaN: no std measured yet; the first training forward starts the EMA from its measurement.
+        InitGroup("FakeLN tracked stds", [(t, name) for t in of(TrackedStd) for name in ("std", "std_bos")],
+                  Constant(float("nan"))),
+        InitGroup("FakeLN switches off", [(t, "is_fake") for t in of(TrackedStd)], Constant(False)),
+        InitGroup("FakeLN special positions on", [(t, name) for t in of(TrackedStd)
+                                                  for name in ("bos_is_special", "eot_is_special")], Constant(True)),
         InitGroup("AttnRes pseudo-queries", [(m, "query") for m in of(DepthAttention)], Constant(0.0)),
         InitGroup("ResFormer lambda logits", [(m, "lambda_logits") for m in of(ResFormer)], Constant(0.0)),
         InitGroup("ResFormer lambda scale", [(m, "lambda_scale") for m in of(ResFormer)],

@@ -253,6 +253,105 @@ class FrozenScaleNorm(Norm):
         return y + self.bias if self.bias is not None else y
 
 
+class TrackedStd(nn.Module):
+    """The per-token std one use of a FakeLN divides by: measured while live, a tracked constant once fake.
+
+    While live and training, `track` keeps an EMA (momentum m: std <- m std + (1 - m) measured) of the
+    per-token sqrt(var + eps), averaged over the batch, separately for the first position of the sequence
+    (`std_bos`: it is an attention sink with an atypical norm) and for the others (`std`); NaN until the first
+    measurement, which the EMA then starts from. The switches, set by the removal schedule
+    (`layerwise.train.norm_removal`): `fake` (divide by the constants), `bos_special` (the first position uses
+    `std_bos`), `eot_special` (tokens the caller marks, end-of-text on the value path, use `std_bos` too).
+    Stds and switches are persistent buffers, so a checkpoint saved mid-removal reloads as the model it was;
+    the forward selects with `torch.where` rather than reading a switch on the host.
+    """
+
+    def __init__(self, momentum: float = 0.9):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("std", torch.tensor(float("nan")))
+        self.register_buffer("std_bos", torch.tensor(float("nan")))
+        self.register_buffer("is_fake", torch.tensor(False))
+        self.register_buffer("bos_is_special", torch.tensor(True))
+        self.register_buffer("eot_is_special", torch.tensor(True))
+
+    fake = property(lambda self: bool(self.is_fake), lambda self, on: self.is_fake.fill_(on))
+    bos_special = property(lambda self: bool(self.bos_is_special), lambda self, on: self.bos_is_special.fill_(on))
+    eot_special = property(lambda self: bool(self.eot_is_special), lambda self, on: self.eot_is_special.fill_(on))
+
+    @torch.no_grad()
+    def track(self, x: torch.Tensor, eps: float) -> None:
+        """Update the EMAs from x [..., T, d], unless fake (then the constants stay as they are)."""
+        per_token = (at_least_float32(x).var(-1, unbiased=False) + eps).sqrt().reshape(-1, x.shape[-2])  # [B, T]
+        self._update(self.std_bos, per_token[:, 0].mean())
+        if per_token.shape[1] > 1:
+            self._update(self.std, per_token[:, 1:].mean())
+
+    def _update(self, buffer: torch.Tensor, measured: torch.Tensor) -> None:
+        m = self.momentum
+        updated = torch.where(buffer.isnan(), measured, m * buffer + (1 - m) * measured)
+        buffer.copy_(torch.where(self.is_fake, buffer, updated))
+
+    def per_token(self, x: torch.Tensor, eot: torch.Tensor | None) -> torch.Tensor:
+        """The constant std of each token of x [..., T, d], shaped [..., T, 1]; 1 where none is tracked yet,
+        so the unselected branch of a live norm stays finite (NaN would reach the gradients through where)."""
+        first = torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
+        first[..., 0] = True
+        special = first & self.bos_is_special
+        if eot is not None:
+            special = special | (eot & self.eot_is_special)
+        std = torch.where(special, self.std_bos, self.std)
+        return torch.where(std.isnan(), 1.0, std).unsqueeze(-1).to(x.dtype)
+
+
+@register_norm("fakeln")
+class FakeLayerNorm(LayerNorm):
+    """LayerNorm whose per-token std can be swapped for a tracked constant (Baroni et al., arXiv 2507.02559,
+    "FakeLayerNorm"): live it is exactly `F.layer_norm`; fake it is gamma * (x - mean) / sigma_t + beta with
+    sigma_t a constant per position class (see `TrackedStd`), an affine map once no position is special.
+
+    One gamma/beta may serve several uses, each with its own `TrackedStd` in `uses`: the attention-input norm
+    has "qk" (what queries and keys read) and "v" (what values read), so the two can go fake at different
+    steps; every other norm has the one use "x". The last step of the removal exports these as
+    `FrozenScaleNorm` (`layerwise.train.norm_removal`).
+    """
+
+    config_fields = ("norm_bias", "fakeln_momentum", "fakeln_eot_token_id")
+
+    @classmethod
+    def validate(cls, cfg):
+        if variant_of(cfg, "norm_placement").registered_name != "pre":
+            fail("norm", "fakeln", f"splits the Pre-LN attention-input norm; norm_placement={cfg.norm_placement!r} "
+                 "has none to split: use norm_placement='pre'")
+        for field, plain in (("residual", "standard"), ("value_residual", "none"), ("layernorm_scaling", False)):
+            if getattr(cfg, field) != plain:
+                fail("norm", "fakeln", f"is wired for {field}={plain!r}, not {getattr(cfg, field)!r}")
+
+    @classmethod
+    def layer_class(cls, cfg):
+        from .block import FakeLNLayer
+
+        return FakeLNLayer
+
+    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True, momentum: float = 0.9,
+                 uses: tuple[str, ...] = ("x",)):
+        super().__init__(dim, eps=eps, bias=bias)
+        self.uses = nn.ModuleDict({use: TrackedStd(momentum) for use in uses})
+
+    @classmethod
+    def from_config(cls, dim, cfg, role):
+        uses = ("qk", "v") if role == "attn_in" else ("x",)
+        return cls(dim, eps=cfg.norm_eps, bias=cfg.norm_bias, momentum=cfg.fakeln_momentum, uses=uses)
+
+    def forward(self, x, use: str = "x", eot: torch.Tensor | None = None):
+        scale = self.uses[use]
+        if self.training and torch.is_grad_enabled():  # training forwards only: not eval, not telemetry
+            scale.track(x, self.eps)
+        fixed = self.weight * (x - x.mean(-1, keepdim=True)) / scale.per_token(x, eot)
+        fixed = fixed + self.bias if self.bias is not None else fixed
+        return torch.where(scale.is_fake, fixed, super().forward(x))
+
+
 def lns_scale(layer_idx: int) -> float:
     """LayerNorm Scaling (Sun et al., NeurIPS 2025): 1/sqrt(i+1) for 0-based layer i, a Python float.
 

@@ -167,3 +167,86 @@ def compare_command(
                                      lr=lr, schedule=schedule, compile=compile), dict(size=size), sets)
     run_compare([p.strip() for p in presets.split(",") if p.strip()],
                 [int(s) for s in seeds.split(",") if s.strip()], cfg, Path(out), console)
+
+
+def remove_norms_command(
+    model: str = typer.Argument(..., help="A layerwise Pre-LN LayerNorm model, run or checkpoint, or an HF GPT-2 "
+                                          "folder."),
+    data: Optional[str] = typer.Option(None, help="Text (file or folder, tokenized with the model's tokenizer) or "
+                                                  "a corpus folder built with it."),
+    max_tokens: Optional[str] = _MAX_TOKENS,
+    out: str = typer.Option(..., help="Run folder (checkpoints/, metrics.jsonl); the model without live norms "
+                                      "goes to OUT/model, and for a GPT-2 a stock GPT-2 to OUT/model-gpt2."),
+    schedule: str = typer.Option("baroni", help="baroni (Baroni et al., 300 steps: lr 6e-4 -> 3e-4, wd 0.01) or "
+                                                "heimersheim (Heimersheim 2024, 2000 steps: 6e-4 -> 6e-5, wd 0.1); "
+                                                "its events scaled to this run's steps and layers."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: the schedule's)."),
+    batch_size: Optional[int] = _BATCH, seq_len: Optional[int] = _SEQ,
+    resume: Optional[str] = typer.Option(None, help="none | auto (latest valid checkpoint) | a checkpoint folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over in a folder that holds a run "
+                                                              "(the old run is moved to <out>.old-<time>)."),
+    sets: Optional[list[str]] = _SET,
+):
+    """Fine-tune a Pre-LN model while its LayerNorms lose their data-dependent scale one by one (ln_2 of each
+    layer, then ln_1 for queries/keys, then ln_1 for values, then the final norm), then export it with fixed-scale
+    norms (norm=frozen), loadable and generating like any layerwise model.
+
+    Example: layerwise remove-norms gpt2/ --data owt.txt --max-tokens 20M --out runs/gpt2-noln
+    """
+    from dataclasses import replace
+
+    from ..errors import UserError
+    from .config import apply_overrides
+    from .norm_removal import NormRemoval, schedule as reference_schedule
+
+    reference = reference_schedule(schedule)
+    cfg = _train_config(None, dict(init_from=model, data=data, max_tokens=max_tokens, out=out,
+                                   batch_size=batch_size, seq_len=seq_len, resume=resume, overwrite=overwrite or None),
+                        {}, None)
+    cfg = apply_overrides(replace(cfg, **reference.training, **({"lr": lr} if lr is not None else {})), sets or [])
+    if cfg.lora_rank:
+        raise UserError("remove-norms fine-tunes every weight (LoRA was reported to fail on GPT-2 small); "
+                        "drop --set lora_rank")
+    removal = NormRemoval(schedule, eot_token_id=_eot_token_id(Path(model)))
+    from .trainer import train as run_training
+
+    run_training(cfg, console, callbacks=[removal])
+    export_removed(Path(out), removal, cfg.total_steps, console, source=model,
+                   how=f"remove-norms={schedule} ({cfg.total_steps} steps)")
+
+
+def _eot_token_id(model: Path) -> int | None:
+    """The end-of-text id of the model's tokenizer (a run's, a checkpoint's run's, or the folder's), if it has one."""
+    from ..data.tokenizer import eot_id, load_tokenizer
+    from ..runs import run_tokenizer
+
+    run = model.parent.parent if model.parent.name == "checkpoints" else model
+    found = run_tokenizer(run) if (run / "checkpoints").is_dir() else None
+    try:
+        return eot_id(load_tokenizer(found or model))
+    except FileNotFoundError:
+        return None
+
+
+def export_removed(run: Path, removal, total_steps: int, console: Console, source: str, how: str) -> None:
+    """The run's last checkpoint with every norm switched, as a norm="frozen" model in RUN/model (and a stock
+    GPT-2 in RUN/model-gpt2 when it came from one); config.json records `source` and `how` it was made."""
+    from ..loading import load_model
+    from ..transform.save import save_transformed
+    from .norm_removal import as_gpt2_layernorm, data_dependent_norms, freeze, set_removal_state
+
+    fake, tokenizer = load_model(run)
+    set_removal_state(fake, removal.events, total_steps)
+    frozen = freeze(fake)
+    frozen.config.layerwise_source = frozen.config.layerwise_source or source
+    frozen.config.layerwise_transforms = [*(frozen.config.layerwise_transforms or []), how]
+    left = data_dependent_norms(frozen)
+    assert not left, f"norms with a data-dependent scale left: {left}"
+    save_transformed(frozen, tokenizer, run / "model", overwrite=True)
+    console.print(f"model without live norms: {run / 'model'}")
+    if frozen.config.layerwise_hf_family == "gpt2":
+        from ..arch.state_dict import layerwise_to_hf
+
+        save_transformed(layerwise_to_hf(as_gpt2_layernorm(frozen), "gpt2"), tokenizer, run / "model-gpt2",
+                         overwrite=True)
+        console.print(f"as a stock GPT-2 (LayerNorm eps 1e12, gamma * 1e6 / sigma): {run / 'model-gpt2'}")

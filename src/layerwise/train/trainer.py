@@ -115,9 +115,26 @@ def step_starts(step: int, cfg: TrainConfig, n_tokens: int) -> torch.Tensor:
     return torch.randint(0, n_tokens - cfg.seq_len - 1, (cfg.batch_size,), generator=generator)
 
 
+class TrainerCallback:
+    """A hook into a run, for procedures that change the model as it trains (`layerwise.train.norm_removal`).
+
+    `prepare(model, cfg)` returns the model to train (it may build another), before the optimizer is built and a
+    checkpoint is resumed into it. `on_step_start(step, model)` runs before each training step, and once with
+    the starting step before the run's first evaluation; whatever it sets must be a function of the step, so a
+    resumed run sets the same."""
+
+    def prepare(self, model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
+        return model
+
+    def on_step_start(self, step: int, model: torch.nn.Module) -> None:
+        pass
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig, console: Console | None = None):
+    def __init__(self, cfg: TrainConfig, console: Console | None = None,
+                 callbacks: list[TrainerCallback] | tuple = ()):
         self.cfg = cfg
+        self.callbacks = list(callbacks)
         self.console = console or Console()
         self.rt = dist_infra.setup(cfg.device)
         if cfg.threads:
@@ -161,10 +178,13 @@ class Trainer:
             model_cfg = self.init.model.config
         else:
             model_cfg = build_model_config(cfg, data.vocab_size)
+        model = (self.init.model if self.init is not None else LayerwiseForCausalLM(model_cfg)).to(rt.device)
+        for callback in self.callbacks:  # before the folder is claimed: a callback may refuse the model
+            model = callback.prepare(model, cfg).to(rt.device)
+        model_cfg = model.config
         if rt.is_main:  # under torchrun rank 0 owns the folder for all ranks
             self._claim_run_folder()
         dist_infra.barrier(rt)
-        model = (self.init.model if self.init is not None else LayerwiseForCausalLM(model_cfg)).to(rt.device)
         n_params = sum(p.numel() for p in model.parameters())
         # Depth telemetry beyond per-layer gradient norms needs layerwise hook points.
         self.observed = model
@@ -224,6 +244,8 @@ class Trainer:
         progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), console=console,
                             disable=not rt.is_main)
+        for callback in self.callbacks:
+            callback.on_step_start(start_step, model)
         if start_step == 0:  # the untrained model's loss anchors every curve
             last_val = self._evaluate(forward, data)
             if rt.is_main:
@@ -231,6 +253,8 @@ class Trainer:
         with progress:
             task = progress.add_task("train", total=total, completed=start_step, stats="")
             for step in range(start_step, total):
+                for callback in self.callbacks:
+                    callback.on_step_start(step, model)
                 lr = lr_at(step, cfg, total)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -442,10 +466,10 @@ class Trainer:
         dist_infra.barrier(self.rt)
 
 
-def train(cfg: TrainConfig, console: Console | None = None) -> dict:
+def train(cfg: TrainConfig, console: Console | None = None, callbacks: list[TrainerCallback] | tuple = ()) -> dict:
     trainer = None
     try:
-        trainer = Trainer(cfg, console)
+        trainer = Trainer(cfg, console, callbacks)
         return trainer.run()
     finally:
         if trainer is not None:
