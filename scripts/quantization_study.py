@@ -25,7 +25,6 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
 
 from layerwise.arch.quantized import disk_bits, quantize_layers, quantized_modules, stored_layers
 from layerwise.diagnose import depth_view

@@ -28,7 +28,6 @@ point, and the average counts only the decoder layers' linear weights (biases st
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
