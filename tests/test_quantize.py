@@ -241,3 +241,14 @@ def test_layers_quantize_independently_so_mixed_models_assemble_from_uniform_one
         setattr(stored_layers(assembled)[1].get_submodule(parent), child, module)
     ids = torch.randint(0, 100, (2, 16))
     assert torch.equal(_logits(mixed, ids), _logits(assembled, ids))
+
+
+def test_a_quantized_model_stays_on_the_cpu_and_refuses_another_device(monkeypatch):
+    from layerwise.cli_options import device_for
+
+    quantized, plain = apply(hf_model("llama"), ["quantize=4"]), hf_model("llama")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the default would be cuda
+    assert device_for(quantized, None) == torch.device("cpu")
+    assert device_for(plain, None) == torch.device("cuda")
+    with pytest.raises(UserError, match=r"--device cuda: a quantized model runs on the CPU"):
+        device_for(quantized, "cuda")

@@ -39,3 +39,19 @@ def torch_device(name: str | None):
     import torch
 
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def device_for(model, name: str | None):
+    """The device to run `model` on: --device, or cuda when available; a quantized model stays on the CPU
+    (HQQ's modules do not move with `.to()`), and asking for another device for it is refused."""
+    import torch
+
+    from .arch.quantized import is_quantized
+
+    device = torch_device(name)
+    if device.type == "cpu" or not is_quantized(model):
+        return device
+    if name is None:
+        return torch.device("cpu")
+    raise UserError(f"--device {name}: a quantized model runs on the CPU in this version (HQQ's modules do not "
+                    "move with .to()); pass --device cpu")

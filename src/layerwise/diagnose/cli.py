@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from ..cli_options import DEVICE, DTYPE, MODEL, apply_option, out_option, torch_device, torch_dtype
+from ..cli_options import DEVICE, DTYPE, MODEL, apply_option, device_for, out_option, torch_dtype
 
 console = Console()
 
@@ -57,7 +57,7 @@ def diagnose_command(
         net, tokenizer = load_model(model, dtype=weights)
         if parsed:
             net = apply(net, parsed, source=model)
-        target = torch_device(device)
+        target = device_for(net, device)
         net.to(target)
         ids = load_tokens(data, tokenizer, tokens)
     batches = [batch.to(target) for batch in token_batches(ids, seq_len, batch_size, tokens)]

@@ -15,7 +15,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
                            TimeRemainingColumn)
 from rich.table import Table
 
-from ..cli_options import DEVICE, DTYPE, MODEL, apply_option, out_option, torch_device, torch_dtype
+from ..cli_options import DEVICE, DTYPE, MODEL, apply_option, device_for, out_option, torch_dtype
 
 if TYPE_CHECKING:
     from .result import EvalResult
@@ -68,7 +68,7 @@ def eval_command(
             from ..transform import apply
 
             net = apply(net, parsed, source=model)
-        net.to(torch_device(device))
+        net.to(device_for(net, device))
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TimeRemainingColumn(), console=console)
     with progress:
