@@ -37,7 +37,10 @@ $LW train --init-from "$BASE" --data "$DATA" --max-tokens "$FT_TOKENS" --seq-len
   --set min_lr_ratio=0.5 --set warmup=0.0667 --set weight_decay=0.01 --set threads="$THREADS" \
   --resume auto --out "$OUT/vanilla" > "$OUT/vanilla.log" 2>&1 &
 vanilla=$!
-wait "$without_norms" && wait "$vanilla"
+status=0
+wait "$without_norms" || status=$?
+wait "$vanilla" || status=$?
+[ "$status" -eq 0 ] || { echo "a fine-tune failed: see $OUT/noln.log, $OUT/vanilla.log" >&2; exit "$status"; }
 
 for name in base vanilla noln; do
   model="$OUT/$name"

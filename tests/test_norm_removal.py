@@ -320,3 +320,26 @@ def test_remove_norms_cli_takes_a_gpt2_and_exports_a_frozen_layerwise_model_and_
     ids = torch.randint(0, 512, (2, 12))
     expected = exported(ids).logits
     assert (gpt2(ids).logits - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_a_model_mid_removal_decodes_with_a_cache_once_no_position_is_special_and_refuses_before():
+    """Norms take a chunk's first token as position 0, which a cached continuation does not start at."""
+    from conftest import greedy_without_cache
+
+    fake = _all_fake(with_fake_norms(tiny_model("pre-ln")))  # every use fake, no special position
+    prompt = torch.randint(1, 256, (1, 5))
+    with torch.no_grad():
+        cached = fake.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+    assert torch.equal(cached, greedy_without_cache(fake, prompt, 6))
+    for scale in tracked_stds(fake).values():
+        scale.bos_special = True
+    with pytest.raises(ValueError, match="decodes only without a KV cache"):
+        fake.generate(prompt, max_new_tokens=2, do_sample=False, use_cache=True, pad_token_id=0)
+
+
+def test_a_model_file_has_no_tokenizer_to_read_an_end_of_text_id_from(tmp_path):
+    from layerwise.train.cli import _eot_token_id
+
+    weights = tmp_path / "model.gguf"
+    weights.write_bytes(b"GGUF\x03\x00\xff\xfe not utf-8")
+    assert _eot_token_id(weights) is None

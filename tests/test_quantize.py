@@ -252,3 +252,11 @@ def test_a_quantized_model_stays_on_the_cpu_and_refuses_another_device(monkeypat
     assert device_for(plain, None) == torch.device("cuda")
     with pytest.raises(UserError, match=r"--device cuda: a quantized model runs on the CPU"):
         device_for(quantized, "cuda")
+
+
+def test_training_from_a_quantized_folder_is_refused_in_one_line(tmp_path):
+    from layerwise.train.init_from import open_init_model
+
+    save_transformed(apply(hf_model("llama"), ["quantize=4"]), None, tmp_path / "q")
+    with pytest.raises(UserError, match=r"init_from=.* is a quantized model .*train the float model"):
+        open_init_model(tmp_path / "q")

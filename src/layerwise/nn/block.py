@@ -130,6 +130,15 @@ class FakeLNLayer(Layer):
         super().__init__(cfg, layer_idx)
         self.eot_token_id = cfg.fakeln_eot_token_id
 
+    def _check_cached_decoding(self, ctx) -> None:
+        # The norms take the first token of what they are given as the first position; a chunk that continues
+        # a cache does not start at it. Only a model still mid-removal has that position special.
+        if ctx.cache is None or ctx.cache.get_seq_length(self.layer_idx if ctx.position is None else ctx.position) == 0:
+            return
+        if bool(self.attn.norm_in.uses["qk"].bos_is_special):
+            raise ValueError("a model mid-removal whose first position still has its own std decodes only "
+                             "without a KV cache (generate(..., use_cache=False)); the exported model has none")
+
     def eot_mask(self, ctx) -> torch.Tensor | None:
         if self.eot_token_id is None or ctx.input_ids is None:
             return None
@@ -137,6 +146,7 @@ class FakeLNLayer(Layer):
 
     def forward(self, x, ctx):
         attn = self.attn
+        self._check_cached_decoding(ctx)
         x = attn.hook_in(x)
         values = attn.norm_in(x, "v", self.eot_mask(ctx))
         x = x + attn.hook_out(attn.fn(attn.norm_in(x, "qk"), ctx, value_input=values))

@@ -5,6 +5,7 @@ Module-level imports stay cheap (no torch): every command's --help must be fast.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -211,6 +212,8 @@ def remove_norms_command(
     from .trainer import train as run_training
 
     run_training(cfg, console, callbacks=[removal])
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun the first process writes the exports
+        return
     export_removed(Path(out), removal, cfg.total_steps, console, source=model,
                    how=f"remove-norms={schedule} ({cfg.total_steps} steps)")
 
@@ -222,6 +225,8 @@ def _eot_token_id(model: Path) -> int | None:
 
     run = model.parent.parent if model.parent.name == "checkpoints" else model
     found = run_tokenizer(run) if (run / "checkpoints").is_dir() else None
+    if found is None and not model.is_dir():
+        return None  # a model file (e.g. a .gguf): the trainer refuses it with the reason
     try:
         return eot_id(load_tokenizer(found or model))
     except FileNotFoundError:

@@ -74,6 +74,10 @@ def open_init_model(path: str | Path) -> InitModel:
         model, tokenizer = load_model(path, dtype=torch.float32)
     except FileNotFoundError as err:
         raise UserError(f"TrainConfig.init_from={str(path)!r}: {err}") from None
+    if getattr(model.config, "layerwise_quantization", None) is not None:
+        raise UserError(f"TrainConfig.init_from={str(path)!r} is a quantized model (config.json "
+                        "layerwise_quantization): its packed linears cannot train; train the float model and "
+                        "quantize after")
     model.train()  # from_pretrained returns eval mode, which would switch dropout off while training
     if getattr(model, "hf_quantizer", None) is not None:
         forget_dequantized_gguf(model, f"TrainConfig.init_from={str(path)!r}")
