@@ -46,10 +46,10 @@ def arguments():
     p.add_argument("--out", default="runs/smollm2-quant")
     p.add_argument("--bits", default="8,6,5,4,3.5,3,2.5")
     p.add_argument("--widths", default="2,3,4,8")
-    p.add_argument("--orders", default="lim,zd,zd-inverse,removal")
+    p.add_argument("--orders", default="lim,zd,removal")
     p.add_argument("--seeds", default="0,1,2", help="random order seeds")
-    p.add_argument("--limit", type=int, default=300, help="LAMBADA items")
-    p.add_argument("--windows", type=int, default=30, help="held-out windows of 512 tokens")
+    p.add_argument("--limit", type=int, default=200, help="LAMBADA items")
+    p.add_argument("--windows", type=int, default=20, help="held-out windows of 512 tokens")
     p.add_argument("--cal-tokens", type=int, default=4096, help="calibration tokens (windows of 512, 2 per batch)")
     p.add_argument("--ppl-data", default=None, help="held-out token shard in the model's tokens "
                    "(default: OUT/data/val.bin from `layerwise data build --sources large --tokenizer MODEL`)")
@@ -82,7 +82,7 @@ def importances(model, tokenizer, orders: list[str], seeds: list[int], cal_token
             print(f"{stamp()} importance: {key}", flush=True)
             known[key] = layer_importance(model, view, batches, order, seed)
             path.write_text(json.dumps(known, indent=1))
-    return known
+    return {key: known[key] for key in (o if o != "random" else f"random-s{s}" for o, s in wanted)}
 
 
 def plans(importance: dict, params: list[int], targets: list[float], widths: list[int]) -> list[dict]:

@@ -260,3 +260,23 @@ def test_training_from_a_quantized_folder_is_refused_in_one_line(tmp_path):
     save_transformed(apply(hf_model("llama"), ["quantize=4"]), None, tmp_path / "q")
     with pytest.raises(UserError, match=r"init_from=.* is a quantized model .*train the float model"):
         open_init_model(tmp_path / "q")
+
+
+def test_quantize_command_avg_bits_plans_on_calibration_tokens_and_writes_the_plan(tmp_path):
+    import numpy as np
+
+    from layerwise.data.shards import write_shard
+
+    source, out = tmp_path / "tiny", tmp_path / "q"
+    hf_model("llama").save_pretrained(source)
+    shard = write_shard(tmp_path / "ids.bin", np.arange(256) % 100, 128)
+    result = runner.invoke(app, ["quantize", str(source), "--avg-bits", "3.5", "--widths", "2,3,4,8", "--order",
+                                 "zd", "--data", str(shard), "--tokens", "256", "--seq-len", "32", "--group", "32",
+                                 "--out", str(out)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    plan = json.loads((out / "quant_plan.json").read_text())
+    bits = [layer["bits"] for layer in plan["layers"]]
+    assert sorted(set(bits)) == [3, 4] and plan["avg_bits"] <= 3.5  # the two widths around the target
+    config = json.loads((out / "config.json").read_text())
+    assert config["layerwise_quantization"]["layer_bits"] == bits
+    assert config["layerwise_transforms"] == [plan["step"] + "/group=32"]
