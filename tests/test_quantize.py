@@ -280,3 +280,14 @@ def test_quantize_command_avg_bits_plans_on_calibration_tokens_and_writes_the_pl
     config = json.loads((out / "config.json").read_text())
     assert config["layerwise_quantization"]["layer_bits"] == bits
     assert config["layerwise_transforms"] == [plan["step"] + "/group=32"]
+
+
+def test_a_weights_file_without_a_quantized_linear_is_refused_in_one_line(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_transformed(apply(hf_model("llama"), ["quantize=4"]), None, tmp_path / "q")
+    tensors = load_file(tmp_path / "q" / WEIGHTS_FILE)
+    save_file({k: v for k, v in tensors.items() if k != "model.layers.1.mlp.up_proj.W_q"},
+              tmp_path / "q" / WEIGHTS_FILE)
+    with pytest.raises(UserError, match=r"lacks the packed weights model\.layers\.1\.mlp\.up_proj\.W_q"):
+        load_model(tmp_path / "q")

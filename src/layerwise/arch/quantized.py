@@ -210,6 +210,10 @@ def load_quantized_weights(model: nn.Module, folder: Path) -> None:
     quantized = quantized_modules(model)
     for name, module in quantized.items():
         prefix = name + "."
+        if prefix + "W_q" not in tensors:
+            raise UserError(f"{path}: lacks the packed weights {prefix}W_q that config.json's layer_bits put "
+                            "there; the file does not match config.json; write the folder again with "
+                            "`layerwise quantize`")
         module.load_state_dict({key[len(prefix):]: tensors.pop(key) for key in list(tensors)
                                 if key.startswith(prefix)})
         module.W_q = nn.Parameter(module.W_q, requires_grad=False)  # a Parameter, as after quantizing
