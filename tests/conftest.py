@@ -104,3 +104,16 @@ def greedy_without_cache(model, ids, n_new):
     for _ in range(n_new):
         ids = torch.cat([ids, full_logits(model, ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
     return ids
+
+
+def mean_loss(model, batches):
+    """Mean next-token cross-entropy of a plain forward over every target of `batches` (float64 logits)."""
+    import torch.nn.functional as F
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids in batches:
+            logits = model(input_ids=ids, use_cache=False).logits.double()
+            total += F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
+            count += ids[:, 1:].numel()
+    return total / count

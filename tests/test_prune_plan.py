@@ -10,10 +10,9 @@ import conftest
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers
 import typer
-from conftest import tiny_model
+from conftest import mean_loss, tiny_model
 from typer.testing import CliRunner
 
 from layerwise.data.corpus import byte_tokens, shakespeare_text
@@ -45,16 +44,6 @@ def trained():
     model.double().eval()
     return model, [windows[-4:-2], windows[-2:]]  # held-out calibration batches
 
-
-def mean_loss(model, batches):
-    """Mean next-token cross-entropy of a plain forward over every target of `batches`."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for ids in batches:
-            logits = model(input_ids=ids, use_cache=False).logits.double()
-            total += F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
-            count += ids[:, 1:].numel()
-    return total / count
 
 
 def exhaustive_greedy(model, batches, n_remove):

@@ -10,8 +10,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import hf_model, tiny_model
+from conftest import hf_model, mean_loss, tiny_model
 
 from layerwise.diagnose import depth_view, diagnose
 from layerwise.diagnose.quantization import (ORDERS, BitPlan, allocate_bits, check_bit_request, layer_importance,
@@ -69,15 +68,6 @@ def hand_zd(layer: torch.nn.Module) -> float:
             fractions.append(float((np.abs((w - w.mean()) / w.std()) > 1).mean()))
     return sum(fractions) / len(fractions)
 
-
-def mean_loss(model, batches):
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for ids in batches:
-            logits = model(input_ids=ids, use_cache=False).logits.double()
-            total += F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
-            count += ids[:, 1:].numel()
-    return total / count
 
 
 @pytest.mark.parametrize("family", list(MODELS))
