@@ -20,7 +20,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import UserError
 from ..model import LayerwiseForCausalLM
-from ..nn.norms import FrozenScaleNorm, Norm, TrackedStd
+from ..nn.norms import NORMS, FrozenScaleNorm, Norm, TrackedStd
 from .trainer import TrainerCallback
 
 
@@ -144,7 +144,7 @@ def with_fake_norms(model: LayerwiseForCausalLM, eot_token_id: int | None = None
     """The Pre-LN LayerNorm `model` with every norm a live FakeLN: the same function, the same tensors
     (copied), plus the tracked stds."""
     check_removable(model.config)
-    config = ModelConfig(**{**_fields(model.config), "norm": "fakeln", "fakeln_eot_token_id": eot_token_id})
+    config = _with_norm(model.config, "fakeln", fakeln_eot_token_id=eot_token_id)
     fake = LayerwiseForCausalLM(config).to(next(model.parameters()).dtype)
     missing, unexpected = fake.load_state_dict(model.state_dict(), strict=False)
     assert not unexpected and all(".uses." in key for key in missing), (missing, unexpected)
@@ -152,9 +152,14 @@ def with_fake_norms(model: LayerwiseForCausalLM, eot_token_id: int | None = None
     return fake.train(model.training)
 
 
-def _fields(config) -> dict:
+def _with_norm(config, norm: str, **changes) -> ModelConfig:
+    """`config` with norm=`norm` and `changes`; the fields only the old norm reads go back to their defaults
+    (a field no selected variant reads draws a warning)."""
     keep = set(ModelConfig.__dataclass_fields__) - {"transformers_version", "architectures"}
-    return {k: v for k, v in config.to_dict().items() if k in keep}
+    fields = {k: v for k, v in config.to_dict().items() if k in keep}
+    for field in set(NORMS.get(config.norm).config_fields) - set(NORMS.get(norm).config_fields):
+        fields[field] = ModelConfig.__dataclass_fields__[field].default
+    return ModelConfig(**{**fields, "norm": norm, **changes})
 
 
 class NormRemoval(TrainerCallback):
@@ -193,12 +198,10 @@ def freeze(model: LayerwiseForCausalLM) -> LayerwiseForCausalLM:
             if not scale.fake or scale.bos_special or scale.eot_special]
     if live:
         raise ValueError(f"freeze needs every FakeLN use switched and no special position; not yet: {live}")
-    fields = {**_fields(model.config), "norm": "frozen"}
-    for field in ("fakeln_momentum", "fakeln_eot_token_id"):  # read by fakeln only
-        fields[field] = ModelConfig.__dataclass_fields__[field].default
-    add_value_bias = fields["norm_bias"] and not (fields["bias"] or fields["qkv_bias"])
-    fields["qkv_bias"] = fields["qkv_bias"] or add_value_bias
-    frozen = LayerwiseForCausalLM(ModelConfig(**fields)).to(next(model.parameters()).dtype)
+    cfg = model.config
+    add_value_bias = cfg.norm_bias and not (cfg.bias or cfg.qkv_bias)
+    frozen = LayerwiseForCausalLM(_with_norm(cfg, "frozen", qkv_bias=cfg.qkv_bias or add_value_bias))
+    frozen.to(next(model.parameters()).dtype)
     added = {".sigma"} | ({"q_proj.bias", "k_proj.bias", "v_proj.bias"} if add_value_bias else set())
     missing, unexpected = frozen.load_state_dict(
         {k: v for k, v in model.state_dict().items() if ".uses." not in k}, strict=False)
@@ -236,9 +239,8 @@ def as_gpt2_layernorm(frozen: LayerwiseForCausalLM, eps: float = 1e12) -> Layerw
     """The frozen model as a norm="layernorm" model that a stock GPT-2 can hold, by the released checkpoints'
     trick: every LayerNorm gets eps = 1e12 and gamma * sqrt(eps) / sigma, so (x - mean) / sqrt(var + eps)
     ~= (x - mean) / sqrt(eps), relative error var / (2 eps) (5e-9 for a std of 100)."""
-    fields = {**_fields(frozen.config), "norm": "layernorm", "norm_eps": eps}
-    fields["frozen_norm_sigma"] = ModelConfig.__dataclass_fields__["frozen_norm_sigma"].default
-    model = LayerwiseForCausalLM(ModelConfig(**fields)).to(next(frozen.parameters()).dtype)
+    model = LayerwiseForCausalLM(_with_norm(frozen.config, "layernorm", norm_eps=eps))
+    model.to(next(frozen.parameters()).dtype)
     model.load_state_dict({k: v for k, v in frozen.state_dict().items() if not k.endswith(".sigma")})
     for (_, norm), (_, new) in zip(_norms(frozen), _norms(model)):
         new.weight.copy_(norm.weight * math.sqrt(eps) / norm.sigma)
