@@ -117,3 +117,24 @@ def mean_loss(model, batches):
             total += F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
             count += ids[:, 1:].numel()
     return total / count
+
+
+def layer_calls(model, ids):
+    """(input, output) of every decoder-layer call of one forward, in execution order, from forward hooks on
+    each distinct layer module (a tied layer is called at each of its positions)."""
+    from layerwise.diagnose import depth_view
+
+    calls = []
+
+    def hook(module, args, kwargs, out):
+        calls.append((args[0] if args else kwargs["hidden_states"], out[0] if isinstance(out, tuple) else out))
+
+    modules = list({id(layer): layer for layer in depth_view(model).layers}.values())
+    handles = [layer.register_forward_hook(hook, with_kwargs=True) for layer in modules]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls

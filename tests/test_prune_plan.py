@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 import typer
-from conftest import mean_loss, tiny_model
+from conftest import layer_calls, mean_loss, tiny_model
 from typer.testing import CliRunner
 
 from layerwise.data.corpus import byte_tokens, shakespeare_text
@@ -100,24 +100,8 @@ def test_removal_strategy_is_diagnoses_removal_delta_loss_sorted(trained):
 
 def layer_boundaries(model, ids):
     """h_0..h_L from forward hooks on each layer: its input, and the last layer's output (never final-normed)."""
-    stack = depth_view(model).layers
-    seen = {}
-
-    def record(i):
-        def hook(module, args, kwargs, out):
-            seen[i] = args[0] if args else kwargs["hidden_states"]
-            if i == len(stack) - 1:
-                seen[i + 1] = out[0] if isinstance(out, tuple) else out
-        return hook
-
-    handles = [layer.register_forward_hook(record(i), with_kwargs=True) for i, layer in enumerate(stack)]
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [seen[i] for i in range(len(stack) + 1)]
+    calls = layer_calls(model, ids)
+    return [inputs for inputs, _ in calls] + [calls[-1][1]]
 
 
 @pytest.mark.parametrize("n_remove", [1, 2, 3])

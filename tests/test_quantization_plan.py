@@ -10,7 +10,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from conftest import hf_model, mean_loss, tiny_model
+from conftest import hf_model, layer_calls, mean_loss, tiny_model
 
 from layerwise.diagnose import depth_view, diagnose
 from layerwise.diagnose.quantization import (ORDERS, BitPlan, allocate_bits, check_bit_request, layer_importance,
@@ -27,24 +27,6 @@ def calibration(vocab: int) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     return [torch.randint(1, vocab, (2, 12), generator=generator) for _ in range(2)]
 
-
-def layer_calls(model, ids):
-    """(input, output) of every decoder-layer call in execution order, from forward hooks on each distinct
-    layer module (a tied layer is called at each of its positions)."""
-    calls = []
-
-    def hook(module, args, kwargs, out):
-        calls.append((args[0] if args else kwargs["hidden_states"], out[0] if isinstance(out, tuple) else out))
-
-    modules = list({id(layer): layer for layer in depth_view(model).layers}.values())
-    handles = [layer.register_forward_hook(hook, with_kwargs=True) for layer in modules]
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return calls
 
 
 def hand_lim(model, batches):
