@@ -25,10 +25,12 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
+
 
 from layerwise.arch.quantized import disk_bits, quantize_layers, quantized_modules, stored_layers
 from layerwise.diagnose import depth_view
-from layerwise.diagnose.metrics import token_batches
+from layerwise.diagnose.metrics import spearman, token_batches
 from layerwise.diagnose.quantization import BitPlan, allocate_bits, layer_importance, layer_linear_weights
 from layerwise.evaluate.suite import evaluate
 from layerwise.loading import load_model, load_tokens, smollm2_gguf
@@ -136,11 +138,15 @@ def score(model, tokenizer, data: Path, limit: int, windows: int) -> dict:
             "lambada_n": lambada.n, "heldout_ppl": heldout.metrics["token_perplexity"], "heldout_n": heldout.n}
 
 
-def table(rows: list[dict], float_row: dict, orders: list[str]) -> str:
+def table(rows: list[dict], float_row: dict, orders: list[str], importance: dict) -> str:
     columns = [*orders, "random"]
     out = [f"Float: LAMBADA acc {float_row['lambada_acc']:.3f}, LAMBADA ppl {float_row['lambada_ppl']:.1f}, "
            f"held-out ppl {float_row['heldout_ppl']:.2f} (n = {float_row['lambada_n']} items, "
            f"{float_row['heldout_n']} windows).", ""]
+    if "lim" in importance and "zd" in importance:
+        zd = [-v for v in importance["zd"]]  # the zd importance is -ZD
+        rho = spearman(torch.tensor(importance["lim"]), torch.tensor(importance["zd"]))
+        out += [f"ZD across layers {min(zd):.3f}-{max(zd):.3f}; Spearman(LIM, ZD importance) = {rho:.2f}.", ""]
     for title, key, fmt in (("LAMBADA accuracy", "lambada_acc", "{:.3f}"), ("LAMBADA perplexity", "lambada_ppl",
                             "{:.1f}"), ("held-out token perplexity", "heldout_ppl", "{:.2f}")):
         out += [f"#### {title}", "", "| avg bits | layers at the lower width | bits on disk | "
@@ -203,7 +209,7 @@ def main() -> None:
             print(f"{stamp()}   lambada {result['lambada_acc']:.3f} (ppl {result['lambada_ppl']:.1f}), "
                   f"held-out ppl {result['heldout_ppl']:.2f}", flush=True)
         rows.append({**twin, **{k: plan[k] for k in ("name", "target", "order")}})
-    (out / "table.md").write_text(table(rows, done["float"], orders))
+    (out / "table.md").write_text(table(rows, done["float"], orders, importance))
     print((out / "table.md").read_text())
 
 
