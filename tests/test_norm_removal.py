@@ -311,6 +311,9 @@ def test_remove_norms_cli_takes_a_gpt2_and_exports_a_frozen_layerwise_model_and_
     assert not (tmp_path / "short").exists(), "refused before the run folder is made"
     result = cli(19 * 2 * 16, out)
     assert result.exit_code == 0, result.output
+    events = dict((what, step) for step, what in SCHEDULES["heimersheim"].events(19, 2))
+    assert (f"ln2 {events['ln2.0']}, ln1qk {events['ln1qk.0']}, ln1v {events['ln1v.0']}, final {events['final']}, "
+            f"eot {events['eot']}, bos {events['bos']}") in " ".join(result.output.split())
     run_config = json.loads((list_checkpoints(out)[-1] / "config.json").read_text())
     assert run_config["norm"] == "fakeln"
     assert run_config["fakeln_eot_token_id"] == tokenizer.convert_tokens_to_ids("<|endoftext|>")

@@ -248,6 +248,11 @@ def export_removed(run: Path, removal, total_steps: int, console: Console, sourc
     left = data_dependent_norms(frozen)
     assert not left, f"norms with a data-dependent scale left: {left}"
     save_transformed(frozen, tokenizer, run / "model", overwrite=True)
+    first = {}
+    for step, what in removal.events:  # ln2.0, ln2.1, ... -> ln2 from its first step
+        first.setdefault(what.split(".")[0], step)
+    console.print("removal schedule (step each kind of norm started losing its scale): "
+                  + ", ".join(f"{kind} {step}" for kind, step in first.items()))
     console.print(f"model without live norms: {run / 'model'}")
     if frozen.config.layerwise_hf_family == "gpt2":
         from ..arch.state_dict import layerwise_to_hf
