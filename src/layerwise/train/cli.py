@@ -104,6 +104,8 @@ def train_command(
     schedule: Optional[str] = _SCHEDULE, compile: Optional[bool] = _COMPILE,
     resume: Optional[str] = typer.Option(None, help="none | auto (latest valid checkpoint) | a checkpoint folder."),
     seed: Optional[int] = typer.Option(None, help="Seed for init and data order."),
+    wandb: Optional[str] = typer.Option(None, "--wandb", help="off | offline | online: also log to Weights & "
+                                        "Biases (the wandb extra); offline writes OUT/wandb/ without network."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over in a folder that holds a run "
                                                               "(the old run is moved to <out>.old-<time>)."),
     sets: Optional[list[str]] = _SET,
@@ -118,7 +120,8 @@ def train_command(
     """
     cfg = _train_config(config, dict(init_from=init_from, lora_rank=lora_rank, data=data, max_tokens=max_tokens,
                                      out=out, batch_size=batch_size, seq_len=seq_len, lr=lr, schedule=schedule,
-                                     compile=compile, resume=resume, seed=seed, overwrite=overwrite or None),
+                                     compile=compile, resume=resume, seed=seed, wandb=wandb,
+                                     overwrite=overwrite or None),
                         dict(preset=preset, size=size), sets)
     if dry_run:
         print(resolved_yaml(cfg), end="")

@@ -29,7 +29,7 @@ from .checkpoint import (CorruptCheckpoint, latest_valid_checkpoint, list_checkp
 from .config import TrainConfig, with_current_names
 from .init_from import (InitModel, check_vocabulary, described, open_init_model, same_model, with_lora,
                         write_record)
-from .metrics import MetricsLog
+from .metrics import MetricsLog, wandb_module
 from .optim import build_optimizer, lr_at
 from .run_folder import check_out_path, claim_run_folder, clean_temporary_checkpoints
 from .telemetry import layer_grad_norms, measure_depth
@@ -168,6 +168,8 @@ class Trainer:
         cfg, rt, console = self.cfg, self.rt, self.console
         # Everything that can be refused is checked before the run folder is touched.
         check_out_path(self.run_dir)
+        if cfg.wandb != "off" and rt.is_main:
+            wandb_module()  # a missing extra fails before the folder is claimed or the data read
         if cfg.resume not in ("none", "auto") and not Path(cfg.resume).is_dir():
             raise UserError(f"TrainConfig.resume={cfg.resume!r} is not none, auto or an existing checkpoint folder")
         torch.manual_seed(cfg.seed)
@@ -225,7 +227,8 @@ class Trainer:
             if self.init is not None:
                 write_record(self.run_dir, self.init)
         dist_infra.barrier(rt)
-        log = MetricsLog(self.run_dir, start_step if resume_from else None, cfg.tensorboard) if rt.is_main else None
+        log = MetricsLog(self.run_dir, start_step if resume_from else None, cfg.tensorboard, cfg.wandb,
+                         cfg.to_dict()) if rt.is_main else None
 
         forward = torch.compile(wrapped) if cfg.compile else wrapped
         total = cfg.total_steps
