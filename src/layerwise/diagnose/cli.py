@@ -79,16 +79,20 @@ SUMMARY_COLUMNS = {"angular": "angular_distance", "BI": "block_influence", "lens
 
 
 def summary_table(result, removal: bool):
-    """Per-layer headline metrics of a `DepthDiagnosis` as a rich table that fits an 80-column terminal."""
+    """Per-layer headline metrics of a `DepthDiagnosis` as a rich table that fits an 80-column terminal, and
+    under it the legend of its headers (as wide as the terminal, not the table)."""
+    from rich.columns import Columns
+    from rich.console import Group
     from rich.table import Table
+    from rich.text import Text
 
     metrics = result.metrics()
     shown = {h: m for h, m in SUMMARY_COLUMNS.items() if removal or m != "removal_delta_loss"}
     table = Table(title=f"{result.family}: {result.n_layers} layers, {result.tokens:,} tokens "
-                        f"(loss {metrics['loss'][0]:.4f})",
-                  caption="; ".join(f"{header} = {name}" for header, name in shown.items()))
+                        f"(loss {metrics['loss'][0]:.4f})")
     for header in ("layer", *shown):
         table.add_column(header, justify="right", no_wrap=True)
     for i in range(result.n_layers):
         table.add_row(str(i), *(f"{metrics[name][i]:.4f}" for name in shown.values()))
-    return table
+    # Columns never breaks an entry across lines, as wrapped text would ("lens" / "top-1 = ...").
+    return Group(table, Columns([Text(f"{header} = {name}") for header, name in shown.items()], padding=(0, 3)))
