@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 from ..model_card import code, escaped, hf_loading, render_card
+from .checkpoint import LORA_MARK
 from .config import TrainConfig
 
 
@@ -42,7 +43,8 @@ def checkpoint_card(cfg: TrainConfig, model, step: int, val_loss: float | None, 
     """The card of checkpoint `step`; `val_loss` is the held-out loss measured at that step, if it was."""
     config = model.config
     family = getattr(config, "model_type", "?")
-    n_params = sum(p.numel() for p in model.parameters())
+    # A LoRA run's checkpoint holds the adapters merged in: its model has the base model's parameters.
+    n_params = sum(p.numel() for name, p in model.named_parameters() if LORA_MARK not in name)
     facts = [*training_facts(cfg, step), ("layers", f"{config.num_hidden_layers}; parameters: {n_params:,}")]
     verb = "fine-tuned" if cfg.init_from is not None else "trained"
     evaluation = held_out_evaluation(val_loss) if val_loss is not None else None
