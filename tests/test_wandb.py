@@ -4,6 +4,7 @@ same scalars as metrics.jsonl, and a one-line error naming the extra when wandb 
 import json
 import struct
 import sys
+import time
 
 import pytest
 
@@ -21,13 +22,23 @@ def small(corpus, out, **overrides) -> TrainConfig:
                                  tensorboard=False), **overrides})
 
 
-def wandb_history(path) -> list[dict]:
-    """The history rows of an offline run file (run-ID.wandb): a 7-byte header (":W&B", magic, version), then
-    protobuf `Record`s in LevelDB log framing (32 KiB blocks; each chunk a 7-byte header: crc, length, type
-    1 full / 2 first / 3 middle / 4 last)."""
+def wandb_history(path, timeout: float = 60.0) -> list[dict]:
+    """The history rows of an offline run file (run-ID.wandb), once its writer (wandb-core, its own process,
+    which may still be flushing after `finish()` returns) has written the run's exit record."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows, finished = _wandb_records(path)
+        if finished or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.2)
+
+
+def _wandb_records(path) -> tuple[list[dict], bool]:
+    """A 7-byte header (":W&B", magic, version), then protobuf `Record`s in LevelDB log framing (32 KiB blocks;
+    each chunk a 7-byte header: crc, length, type 1 full / 2 first / 3 middle / 4 last)."""
     from wandb.proto import wandb_internal_pb2
 
-    data = path.read_bytes()
+    data, finished = path.read_bytes(), False
     assert data[:4] == b":W&B"
     rows, pos, block, pending = [], 7, 32768, b""
     while pos + 7 <= len(data):
@@ -36,16 +47,20 @@ def wandb_history(path) -> list[dict]:
         if kind == 0:  # the block's zero-filled tail
             pos += left
             continue
+        if pos + 7 + length > len(data):  # a chunk still being written
+            break
         pending += data[pos + 7: pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
             record = wandb_internal_pb2.Record()
             record.ParseFromString(pending)
             pending = b""
-            if record.WhichOneof("record_type") == "history":
+            kind_of_record = record.WhichOneof("record_type")
+            finished |= kind_of_record == "exit"
+            if kind_of_record == "history":
                 rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                              for item in record.history.item})
-    return rows
+    return rows, finished
 
 
 def test_wandb_is_off_by_default_and_a_mode_it_lacks_is_refused():
