@@ -23,7 +23,7 @@ LEVELS = {
     "nn": 1, "data": 1, "depth_metrics": 1,
     "config": 2, "validation": 2, "presets": 2, "model": 2,
     "arch": 3, "runs": 3,
-    "loading": 4, "outputs": 4, "reference": 4,
+    "loading": 4, "outputs": 4, "reference": 4, "model_card": 4,
     "train": 5, "diagnose": 5, "evaluate": 5, "transform": 5,
     "report": 6,
     "compare": 7,

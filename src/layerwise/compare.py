@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from .report.comparison import write_comparison
+from .report.comparison import console_table, write_comparison
 from .runs import run_summary
 from .train.config import TrainConfig
 from .train.run_folder import RunFolderLock, check_out_path
@@ -52,6 +52,6 @@ def _train_and_compare(presets: list[str], seeds: list[int], base: TrainConfig, 
               f"{base.seq_len}), size {base.model['size']}, lr {base.lr} ({base.schedule}), seeds {seeds}, "
               f"data {base.data or 'embedded Shakespeare'}.")
     report = write_comparison(out, runs, params, header)
-    console.print(report["table"])
+    console.print(console_table(report["rows"]))  # the Markdown table, in comparison.md, is wider than 80
     console.print("outputs: " + ", ".join(str(p) for p in report["files"]))
     return report

@@ -38,7 +38,6 @@ def diagnose_command(
     Example: layerwise diagnose path/to/SmolLM2-135M-Instruct.Q4_1.gguf --tokens 16384 --out runs/diag
     """
     from rich.progress import track
-    from rich.table import Table
 
     from ..loading import check_token_windows, load_model, load_tokens
     from ..outputs import check_output_folder
@@ -69,14 +68,31 @@ def diagnose_command(
                                                     "dtype": dtype, "device": str(target), **result.to_json()},
                                                    indent=1))
     page = write_report(out / "diagnosis.json", out)
+    console.print(summary_table(result, removal))
+    console.print(f"outputs: {out / 'diagnosis.json'}, {page}")
+
+
+# The console table's columns: a short header that fits 80 columns, and the metric's name in diagnosis.json,
+# which the legend under the table spells out (report.html has every metric in full).
+SUMMARY_COLUMNS = {"angular": "angular_distance", "BI": "block_influence", "lens KL": "logit_lens_kl",
+                   "lens top-1": "logit_lens_top1", "skip Δloss": "removal_delta_loss"}
+
+
+def summary_table(result, removal: bool):
+    """Per-layer headline metrics of a `DepthDiagnosis` as a rich table that fits an 80-column terminal, and
+    under it the legend of its headers (as wide as the terminal, not the table)."""
+    from rich.columns import Columns
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
     metrics = result.metrics()
+    shown = {h: m for h, m in SUMMARY_COLUMNS.items() if removal or m != "removal_delta_loss"}
     table = Table(title=f"{result.family}: {result.n_layers} layers, {result.tokens:,} tokens "
                         f"(loss {metrics['loss'][0]:.4f})")
-    columns = ["layer", "angular_distance", "block_influence", "logit_lens_kl", "logit_lens_top1"]
-    columns += ["removal_delta_loss"] if removal else []
-    for column in columns:
-        table.add_column(column, justify="right")
+    for header in ("layer", *shown):
+        table.add_column(header, justify="right", no_wrap=True)
     for i in range(result.n_layers):
-        table.add_row(str(i), *(f"{metrics[c][i]:.4f}" for c in columns[1:]))
-    console.print(table)
-    console.print(f"outputs: {out / 'diagnosis.json'}, {page}")
+        table.add_row(str(i), *(f"{metrics[name][i]:.4f}" for name in shown.values()))
+    # Columns never breaks an entry across lines, as wrapped text would ("lens" / "top-1 = ...").
+    return Group(table, Columns([Text(f"{header} = {name}") for header, name in shown.items()], padding=(0, 3)))

@@ -115,7 +115,7 @@ def _table(results: dict[str, EvalResult], model: str) -> Table:
             stderr = result.stderr.get(metric)
             low_high = result.ci95.get(metric)
             table.add_row(name, metric, _number(value), _number(stderr) if stderr is not None else "",
-                          f"{low_high[0]:.3f}-{low_high[1]:.3f}" if low_high else "", str(result.n))
+                          f"{_bound(low_high[0])}-{_bound(low_high[1])}" if low_high else "", str(result.n))
     return table
 
 
@@ -123,6 +123,11 @@ def _speeds(results: dict[str, EvalResult]) -> str:
     return ", ".join(f"{name} {result.seconds:.1f} s ({result.n / result.seconds:.2f} "
                      f"{'windows' if name == 'perplexity' else 'items'}/s)"
                      for name, result in results.items() if result.seconds > 0)
+
+
+def _bound(value: float) -> str:
+    """An interval end: three decimals, or three significant digits for a perplexity in the millions."""
+    return f"{value:.3f}" if math.isnan(value) or abs(value) < 1e4 else f"{value:.3g}"
 
 
 def _number(value: float) -> str:

@@ -37,6 +37,29 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def console_table(rows: list[dict]):
+    """`markdown_table`'s rows as a rich table for an 80-column terminal: the tokens, the same for every run
+    under one budget, go to the title, and the headers are shortened (the legend under it says what they mean)."""
+    from rich import box
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    tokens = sorted({r["tokens"] for r in rows})
+    table = Table(title=f"tokens per run: {', '.join(f'{t:,}' for t in tokens)}", box=box.SIMPLE_HEAD,
+                  show_edge=False, pad_edge=False)
+    for header in ("preset", "params", "final", "best", "ppl", "tok/s"):
+        table.add_column(header, justify="left" if header == "preset" else "right", no_wrap=True)
+    for r in rows:
+        spread = f"±{r['final_val_loss_std']:.4f}" if r["seeds"] > 1 else ""
+        speed = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-"
+        table.add_row(r["preset"], f"{r['params'] / 1e6:.2f}M", f"{r['final_val_loss']:.4f}{spread}",
+                      f"{r['best_val_loss']:.4f}", f"{r['val_ppl']:.2f}", speed)
+    legend = Text("final, best: validation loss (final: mean ± std over seeds); ppl = exp(final); tok/s: "
+                  "training throughput")
+    return Group(table, legend)  # the legend as wide as the terminal, not the table
+
+
 def plot_loss_curves(runs: dict[str, list[dict]], path: Path) -> None:
     import matplotlib
 

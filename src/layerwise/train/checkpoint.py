@@ -6,6 +6,7 @@ A checkpoint is a folder `checkpoints/step_XXXXXXX/` holding
   optimizer.safetensors             AdamW moments and step counts, keyed by parameter name
   rng.safetensors                   torch RNG states
   trainer_state.json                step, tokens, counters, optimizer hyperparameters, the train config
+  README.md                         the model card: base model, recipe, data, tokens, held-out loss if measured
   MANIFEST.json                     sha256 and size of every file above, written last
 It is written into a temporary folder and renamed into place, so a folder with a valid MANIFEST is complete.
 A failed write (a full disk) removes its temporary folder and leaves the earlier checkpoints as they were.
@@ -74,9 +75,9 @@ def restore_state(model, optimizer, weights: dict, tensors: dict, groups: list) 
 
 
 def save_checkpoint(root: Path, step: int, model, optimizer, trainer_state: dict, keep: int,
-                    is_main: bool = True) -> Path | None:
-    """Write checkpoint `step` atomically under root/checkpoints and keep it plus the newest keep-1 valid others.
-    Every process calls it; only the main process writes."""
+                    is_main: bool = True, card: str | None = None) -> Path | None:
+    """Write checkpoint `step` atomically under root/checkpoints and keep it plus the newest keep-1 valid others;
+    `card` is its README.md (`layerwise.train.card`). Every process calls it; only the main process writes."""
     weights, opt_tensors, groups = gather_state(model, optimizer)
     if not is_main:
         return None
@@ -89,7 +90,7 @@ def save_checkpoint(root: Path, step: int, model, optimizer, trainer_state: dict
     tmp = ckpt_dir / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _write_files(tmp, step, model, weights, opt_tensors, groups, trainer_state)
+        _write_files(tmp, step, model, weights, opt_tensors, groups, trainer_state, card)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, OSError) and err.errno == errno.ENOSPC:
@@ -104,7 +105,7 @@ def save_checkpoint(root: Path, step: int, model, optimizer, trainer_state: dict
     return final
 
 
-def _write_files(tmp: Path, step: int, model, weights, opt_tensors, groups, trainer_state) -> None:
+def _write_files(tmp: Path, step: int, model, weights, opt_tensors, groups, trainer_state, card) -> None:
     tmp.mkdir()
     from transformers.utils import logging as hf_logging
 
@@ -122,6 +123,8 @@ def _write_files(tmp: Path, step: int, model, weights, opt_tensors, groups, trai
         rng["cuda"] = torch.cuda.get_rng_state()
     save_file(rng, tmp / "rng.safetensors")
     (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "optimizer_groups": groups}, indent=1))
+    if card is not None:  # before the manifest, which then covers it like the weights
+        (tmp / "README.md").write_text(card)
     files = {}
     for path in sorted(tmp.iterdir()):
         with open(path, "rb") as f:

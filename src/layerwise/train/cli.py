@@ -104,6 +104,8 @@ def train_command(
     schedule: Optional[str] = _SCHEDULE, compile: Optional[bool] = _COMPILE,
     resume: Optional[str] = typer.Option(None, help="none | auto (latest valid checkpoint) | a checkpoint folder."),
     seed: Optional[int] = typer.Option(None, help="Seed for init and data order."),
+    wandb: Optional[str] = typer.Option(None, "--wandb", help="off | offline | online: also log to Weights & "
+                                        "Biases (the wandb extra); offline writes OUT/wandb/ without network."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over in a folder that holds a run "
                                                               "(the old run is moved to <out>.old-<time>)."),
     sets: Optional[list[str]] = _SET,
@@ -118,7 +120,8 @@ def train_command(
     """
     cfg = _train_config(config, dict(init_from=init_from, lora_rank=lora_rank, data=data, max_tokens=max_tokens,
                                      out=out, batch_size=batch_size, seq_len=seq_len, lr=lr, schedule=schedule,
-                                     compile=compile, resume=resume, seed=seed, overwrite=overwrite or None),
+                                     compile=compile, resume=resume, seed=seed, wandb=wandb,
+                                     overwrite=overwrite or None),
                         dict(preset=preset, size=size), sets)
     if dry_run:
         print(resolved_yaml(cfg), end="")
@@ -214,7 +217,7 @@ def remove_norms_command(
     run_training(cfg, console, callbacks=[removal])
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun the first process writes the exports
         return
-    export_removed(Path(out), removal, cfg.total_steps, console, source=model,
+    export_removed(Path(out), removal, cfg, console, source=model,
                    how=f"remove-norms={schedule} ({cfg.total_steps} steps)")
 
 
@@ -233,21 +236,29 @@ def _eot_token_id(model: Path) -> int | None:
         return None
 
 
-def export_removed(run: Path, removal, total_steps: int, console: Console, source: str, how: str) -> None:
+def export_removed(run: Path, removal, cfg, console: Console, source: str, how: str) -> None:
     """The run's last checkpoint with every norm switched, as a norm="frozen" model in RUN/model (and a stock
-    GPT-2 in RUN/model-gpt2 when it came from one); config.json records `source` and `how` it was made."""
+    GPT-2 in RUN/model-gpt2 when it came from one); config.json records `source` and `how` it was made, and the
+    model card the run's data, tokens and final held-out loss."""
     from ..loading import load_model
+    from ..runs import read_metrics
     from ..transform.save import save_transformed
+    from .card import held_out_evaluation, held_out_note, training_facts
     from .norm_removal import as_gpt2_layernorm, data_dependent_norms, freeze, set_removal_state
 
+    total_steps = cfg.total_steps
     fake, tokenizer = load_model(run)
+    last = [r for r in read_metrics(run) if "val_loss" in r][-1]
+    card = dict(card_facts=training_facts(cfg, total_steps)[1:],  # the base model is the card's source line
+                evaluation=held_out_evaluation(last["val_loss"]),
+                evaluation_note=held_out_note(last["step"], None, cfg.seq_len))
     set_removal_state(fake, removal.events, total_steps)
     frozen = freeze(fake)
     frozen.config.layerwise_source = frozen.config.layerwise_source or source
     frozen.config.layerwise_transforms = [*(frozen.config.layerwise_transforms or []), how]
     left = data_dependent_norms(frozen)
     assert not left, f"norms with a data-dependent scale left: {left}"
-    save_transformed(frozen, tokenizer, run / "model", overwrite=True)
+    save_transformed(frozen, tokenizer, run / "model", overwrite=True, **card)
     first = {}
     for step, what in removal.events:  # ln2.0, ln2.1, ... -> ln2 from its first step
         first.setdefault(what.split(".")[0], step)
@@ -258,5 +269,5 @@ def export_removed(run: Path, removal, total_steps: int, console: Console, sourc
         from ..arch.state_dict import layerwise_to_hf
 
         save_transformed(layerwise_to_hf(as_gpt2_layernorm(frozen), "gpt2"), tokenizer, run / "model-gpt2",
-                         overwrite=True)
+                         overwrite=True, **card)
         console.print(f"as a stock GPT-2 (LayerNorm eps 1e12, gamma * 1e6 / sigma): {run / 'model-gpt2'}")

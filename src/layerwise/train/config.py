@@ -15,12 +15,13 @@ import yaml
 from ..errors import UserError
 
 SCHEDULES = ("cosine", "wsd", "constant")
+WANDB_MODES = ("off", "offline", "online")
 DEFAULT_MODEL = {"preset": "pre-rmsnorm", "size": "tiny"}
 # Fields that change where a run is written, how often it reports or how it is executed, but not the model
 # it trains: a resume or a reused `compare` run may differ in these and nothing else.
 BOOKKEEPING_FIELDS = frozenset({"out", "resume", "overwrite", "log_every", "eval_every", "telemetry_every",
                                 "ckpt_every", "keep_checkpoints", "max_bad_steps", "device", "compile", "fsdp",
-                                "tensorboard", "threads"})
+                                "tensorboard", "wandb", "threads"})
 # How the model is named: the resolved model config is compared instead (one model can be named by a preset or
 # by explicit fields), and an init_from model by the content fingerprint of its files (it can move or be
 # named by a relative path).
@@ -84,6 +85,7 @@ class TrainConfig:
     compile: bool = False
     fsdp: bool = False  # FSDP2 instead of DDP when launched with torchrun
     tensorboard: bool = True
+    wandb: str = "off"  # off | offline (RUN/wandb/, no network) | online: also log to Weights & Biases
     threads: int = 0  # CPU threads for torch; 0 = torch's default
 
     def __post_init__(self):
@@ -145,6 +147,8 @@ class TrainConfig:
             fail("min_lr_ratio", "must lie in [0, 1]")
         if self.schedule not in SCHEDULES:
             fail("schedule", f"is not one of {', '.join(SCHEDULES)}")
+        if self.wandb not in WANDB_MODES:
+            fail("wandb", f"is not one of {', '.join(WANDB_MODES)}")
         if not 0 < self.decay_fraction <= 1:
             fail("decay_fraction", "must lie in (0, 1]")
         if self.warmup < 0:

@@ -23,12 +23,13 @@ from ..model import LayerwiseForCausalLM
 from ..nn.block import refresh_attention_gains
 from ..runs import TOKENIZER, sha256_of
 from . import distributed as dist_infra
+from .card import checkpoint_card
 from .checkpoint import (CorruptCheckpoint, latest_valid_checkpoint, list_checkpoints, load_checkpoint, move_aside,
                          save_checkpoint, verify_checkpoint)
 from .config import TrainConfig, with_current_names
 from .init_from import (InitModel, check_vocabulary, described, open_init_model, same_model, with_lora,
                         write_record)
-from .metrics import MetricsLog
+from .metrics import MetricsLog, wandb_module
 from .optim import build_optimizer, lr_at
 from .run_folder import check_out_path, claim_run_folder, clean_temporary_checkpoints
 from .telemetry import layer_grad_norms, measure_depth
@@ -152,6 +153,8 @@ class Trainer:
         self.lock = None
         self.init: InitModel | None = None
         self.scratch: tempfile.TemporaryDirectory | None = None  # the init model's tokenizer.json, for the data
+        self.measured: tuple[int | None, float | None] = (None, None)  # (step, held-out loss) of the last eval
+        self.eval_windows = 0
         self.use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and self.rt.device.type == "cuda")
 
     def autocast(self):
@@ -165,6 +168,8 @@ class Trainer:
         cfg, rt, console = self.cfg, self.rt, self.console
         # Everything that can be refused is checked before the run folder is touched.
         check_out_path(self.run_dir)
+        if cfg.wandb != "off" and rt.is_main:
+            wandb_module()  # a missing extra fails before the folder is claimed or the data read
         if cfg.resume not in ("none", "auto") and not Path(cfg.resume).is_dir():
             raise UserError(f"TrainConfig.resume={cfg.resume!r} is not none, auto or an existing checkpoint folder")
         torch.manual_seed(cfg.seed)
@@ -222,7 +227,8 @@ class Trainer:
             if self.init is not None:
                 write_record(self.run_dir, self.init)
         dist_infra.barrier(rt)
-        log = MetricsLog(self.run_dir, start_step if resume_from else None, cfg.tensorboard) if rt.is_main else None
+        log = MetricsLog(self.run_dir, start_step if resume_from else None, cfg.tensorboard, cfg.wandb,
+                         cfg.to_dict()) if rt.is_main else None
 
         forward = torch.compile(wrapped) if cfg.compile else wrapped
         total = cfg.total_steps
@@ -301,6 +307,7 @@ class Trainer:
                     progress.update(task, completed=step + 1, stats=stats)
                 if (step + 1) % cfg.eval_every == 0 or step + 1 == total:
                     last_val = self._evaluate(forward, data)
+                    self.measured = (step + 1, last_val)
                     if rt.is_main:
                         log.write({**record, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50))})
                 if telemetry is not None and rt.is_main:
@@ -443,6 +450,7 @@ class Trainer:
         cfg, rt = self.cfg, self.rt
         n_windows = min(cfg.eval_batches * cfg.batch_size, (len(data.val) - 1) // cfg.seq_len)
         n_windows -= n_windows % rt.world_size
+        self.eval_windows = n_windows
         starts = torch.arange(n_windows) * cfg.seq_len  # fixed, non-overlapping held-out windows
         mine = starts[rt.rank::rt.world_size]
         total = torch.zeros((), device=rt.device)
@@ -462,7 +470,12 @@ class Trainer:
         state = {"step": step, "tokens": step * self.cfg.tokens_per_step, "bad_steps_total": self.bad_total,
                  "train_config": self.cfg.to_dict(),
                  **({"init_from": self.init.fingerprint} if self.init is not None else {})}
-        save_checkpoint(self.run_dir, step, model, optimizer, state, self.cfg.keep_checkpoints, self.rt.is_main)
+        # The card reports the held-out loss only when it was measured at this very step.
+        measured_step, val_loss = self.measured
+        card = checkpoint_card(self.cfg, self.observed, step, val_loss if measured_step == step else None,
+                               self.eval_windows) if self.rt.is_main else None
+        save_checkpoint(self.run_dir, step, model, optimizer, state, self.cfg.keep_checkpoints, self.rt.is_main,
+                        card)
         dist_infra.barrier(self.rt)
 
 

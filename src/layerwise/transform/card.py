@@ -1,13 +1,12 @@
 """The model card (README.md) written beside a transformed model: where it came from, what was done to it, and
 how to load it. The same facts are in config.json (`layerwise_source`, `layerwise_transforms`, `layer_origin`);
-the card says them for people."""
+the card says them for people, laid out by `layerwise.model_card` like every card layerwise writes."""
 
 from __future__ import annotations
 
-import datetime
-
 from torch import nn
 
+from ..model_card import code, escaped, hf_loading, render_card
 from .steps import QUANTIZATION_KEY, SOURCE_KEY, TRANSFORMS_KEY
 
 
@@ -22,59 +21,42 @@ def _origin_summary(origin: list[int]) -> str:
     return ", ".join(parts)
 
 
-def model_card(model: nn.Module) -> str:
+def model_card(model: nn.Module, facts: list[tuple[str, str]] = (), evaluation: dict[str, float] | None = None,
+               evaluation_note: str = "") -> str:
+    """The card of a transformed model; `facts` (Markdown (label, value) pairs, e.g. the data and tokens of the
+    run that made it) and `evaluation` (figures its writer measured) are added as `render_card` lays them out."""
     config = model.config
     family = getattr(config, "model_type", "?")
     steps = list(getattr(config, TRANSFORMS_KEY, None) or [])
-    source = getattr(config, SOURCE_KEY, None) or "(not recorded)"
+    source = getattr(config, SOURCE_KEY, None)
     n_params = sum(p.numel() for p in model.parameters())
     lines = [
-        f"# A {family} model made by layerwise transforms",
-        "",
-        f"- source: `{source}`",
-        f"- steps, in order: {', '.join(f'`{s}`' for s in steps) or '(none)'}",
-        f"- layers: {config.num_hidden_layers}; parameters: {n_params:,}",
+        ("base model", code(source) if source else "(not recorded)"),
+        ("steps, in order", ", ".join(code(s) for s in steps) or "(none)"),
+        ("layers", f"{config.num_hidden_layers}; parameters: {n_params:,}"),
     ]
     origin = getattr(config, "layer_origin", None)
     if origin:
-        lines.append(f"- source layer of each layer (0-based): {_origin_summary(list(origin))}")
+        lines.append(("source layer of each layer (0-based)", _origin_summary(list(origin))))
     order = getattr(config, "layer_order", None)
     if order:
-        lines.append(f"- stored layer run at each position (tied weights): {_origin_summary(list(order))}")
+        lines.append(("stored layer run at each position (tied weights)", _origin_summary(list(order))))
     quantization = getattr(config, QUANTIZATION_KEY, None)
     if quantization is not None:
-        lines.append(f"- quantized with {quantization['backend']} {quantization['version']} (group size "
-                     f"{quantization['group_size']}); bits of each layer (16 = floating point): "
-                     f"{', '.join(map(str, quantization['layer_bits']))}; bits per weight on disk: "
-                     f"{quantization['avg_bits_layers']} in the layers' linears, {quantization['avg_bits_model']} "
-                     f"over the model; kept in floating point: {', '.join(quantization['kept_in_float'])}")
-    lines.append(f"- written: {datetime.date.today().isoformat()}")
-    if quantization is not None:
-        return "\n".join(lines + _quantized_loading())
-    load = "from transformers import AutoModelForCausalLM"
-    if family == "layerwise":
-        load = "import layerwise  # registers model_type \"layerwise\" with the Auto classes\n" + load
-    lines += [
-        "",
-        "## Loading",
-        "",
-        "```python",
-        load,
-        "model = AutoModelForCausalLM.from_pretrained(\"path/to/this/folder\")",
-        "```",
-        "",
-        "The steps are described by `layerwise transform --help`; `layerwise eval` and `layerwise diagnose` "
-        "score and inspect this folder like any other model.",
-        "",
-    ]
-    return "\n".join(lines)
+        lines.append(("quantized with", f"{quantization['backend']} {quantization['version']} (group size "
+                      f"{quantization['group_size']}); bits of each layer (16 = floating point): "
+                      f"{', '.join(map(str, quantization['layer_bits']))}; bits per weight on disk: "
+                      f"{quantization['avg_bits_layers']} in the layers' linears, {quantization['avg_bits_model']} "
+                      f"over the model; kept in floating point: "
+                      f"{', '.join(code(name) for name in quantization['kept_in_float'])}"))
+    loading = _quantized_loading() if quantization is not None else [
+        *hf_loading(family), "", "The steps are described by `layerwise transform --help`."]
+    return render_card(f"A {escaped(family)} model made by layerwise transforms", [*lines, *facts], evaluation,
+                       evaluation_note, loading)
 
 
 def _quantized_loading() -> list[str]:
     return [
-        "",
-        "## Loading",
-        "",
         "The weights are in `quantized.safetensors`, layerwise's own format (its docs/quantization.md): the decoder "
         "layers' linears as HQQ packed codes with float16 scales and zeros, everything else in floating point. "
         "`AutoModelForCausalLM.from_pretrained` cannot read it (it finds no model.safetensors); layerwise can:",
@@ -85,5 +67,4 @@ def _quantized_loading() -> list[str]:
         "```",
         "",
         "`layerwise eval path/to/this/folder` and `layerwise diagnose path/to/this/folder` score and inspect it.",
-        "",
     ]

@@ -83,8 +83,13 @@ def prune_command(
         layers = plan["removed_layers"]
     net = apply(net, [f"drop={','.join(map(str, layers))}"], source=model)
     extra = {PLAN_FILE: json.dumps({"model": str(model), **plan}, indent=1)} if plan is not None else {}
+    card = {} if plan is None else dict(  # the plan's own measurement: the card reports what was measured
+        card_facts=_calibration_facts(plan, f"{strategy} chose the layers"),
+        evaluation={"calibration loss, full model": plan["full_loss"], "calibration loss, pruned": plan["pruned_loss"]},
+        evaluation_note=f"Next-token loss on the {plan['calibration']['tokens']:,} calibration tokens {strategy} "
+                        "chose the layers on (not held-out data).")
     with console.status(f"saving to {out} ..."):
-        save_transformed(net, tokenizer, out, overwrite, extra_files=extra)
+        save_transformed(net, tokenizer, out, overwrite, extra_files=extra, **card)
     console.print(f"removed layers {', '.join(map(str, layers))} (0-based) of {n_before}; "
                   f"{net.config.num_hidden_layers} remain")
     if reshaped_before:  # the input was already transformed: say what it runs relative to the original
@@ -92,6 +97,15 @@ def prune_command(
                       f"{', '.join(map(str, original_layer_indices(net.config)))}")
     plan_note = f", {out / PLAN_FILE}" if plan is not None else ""
     console.print(f"outputs: {out} (load with AutoModelForCausalLM.from_pretrained){plan_note}")
+
+
+def _calibration_facts(plan: dict, what: str) -> list[tuple[str, str]]:
+    """The model card's line on the calibration text a plan was measured on."""
+    from ..model_card import code
+
+    calibration = plan["calibration"]
+    return [("calibration data", f"{code(calibration['data'])}, {calibration['tokens']:,} tokens in windows of "
+                                 f"{calibration['seq_len']} ({what})")]
 
 
 def _check_saveable_once_pruned(net) -> None:
@@ -295,8 +309,9 @@ def quantize_command(
     with console.status(f"applying {step} ..."):
         net = apply(net, [step], source=model)
     extra = {QUANT_PLAN_FILE: json.dumps({"model": str(model), **plan}, indent=1)} if plan is not None else {}
+    facts = _calibration_facts(plan, f"{order} ranked the layers") if plan is not None else []
     with console.status(f"saving to {out} ..."):
-        save_transformed(net, tokenizer, out, overwrite, extra_files=extra)
+        save_transformed(net, tokenizer, out, overwrite, extra_files=extra, card_facts=facts)
     record = net.config.layerwise_quantization
     _print_bits(record, net)
     size = (out / WEIGHTS_FILE).stat().st_size

@@ -15,10 +15,13 @@ from .steps import save_refusal
 
 
 def save_transformed(model: nn.Module, tokenizer, out_dir: str | Path, overwrite: bool = False,
-                     extra_files: dict[str, str] | None = None) -> Path:
+                     extra_files: dict[str, str] | None = None, card_facts: list[tuple[str, str]] = (),
+                     evaluation: dict[str, float] | None = None, evaluation_note: str = "") -> Path:
     """Write `model` (safetensors), `tokenizer` (if not None), a README.md model card and `extra_files`
-    ({name: text}, e.g. a prune plan) to `out_dir`, loadable with `AutoModelForCausalLM.from_pretrained(out_dir)`
-    (after `import layerwise` for layerwise models) or `layerwise.loading.load_model(out_dir)`.
+    ({name: text}, e.g. a prune plan) to `out_dir`; `card_facts`, `evaluation` and `evaluation_note` go on the
+    card (`transform.card.model_card`): what the caller knows of how the model was made and measured. The
+    folder loads with `AutoModelForCausalLM.from_pretrained(out_dir)` (after `import layerwise` for layerwise
+    models) or `layerwise.loading.load_model(out_dir)`.
 
     The folder is written whole or not at all (`layerwise.outputs.write_model_folder`); a non-empty `out_dir`
     is refused unless `overwrite`, so a model never ends up beside another model's or run's files. A model read
@@ -42,7 +45,7 @@ def save_transformed(model: nn.Module, tokenizer, out_dir: str | Path, overwrite
             model.save_pretrained(folder)  # transformers 5 always writes safetensors
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
-        (folder / "README.md").write_text(model_card(model))
+        (folder / "README.md").write_text(model_card(model, card_facts, evaluation, evaluation_note))
         for name, text in (extra_files or {}).items():
             (folder / name).write_text(text)
 
