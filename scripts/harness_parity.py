@@ -70,36 +70,36 @@ def main() -> None:
         max_ll_gap = max(max_ll_gap, abs(ll - float(their_ll)))
         if bool(greedy) != bool(their_greedy):
             differing[("lambada", "acc")].append(i)
-    details = []
+    with_space = []  # items where dividing by " " + ending (our rule before lm-eval's was matched) flips acc_norm
     for i, (item, lls, sample) in enumerate(zip(items, hellaswag_ours, hellaswag_theirs)):
         their_lls = [float(resp[0][0]) for resp in sample["resps"]]
         max_ll_gap = max(max_ll_gap, max(abs(a - b) for a, b in zip(lls, their_lls)))
         if (argmax(lls) == item.label) != bool(sample["acc"]):
             differing[("hellaswag", "acc")].append(i)
-        ours_lengths = [len(c) for c in item.prompt.continuations]
-        ours_norm = argmax([ll / n for ll, n in zip(lls, ours_lengths)])
-        if (ours_norm == item.label) != bool(sample["acc_norm"]):
+        lengths = [len(c.removeprefix(" ")) for c in item.prompt.continuations]
+        if (argmax([ll / n for ll, n in zip(lls, lengths)]) == item.label) != bool(sample["acc_norm"]):
             differing[("hellaswag", "acc_norm")].append(i)
-            harness_lengths = [len(c) for c in sample["doc"]["choices"]]
-            details.append((i, item.label, ours_norm, argmax([ll / n for ll, n in zip(lls, harness_lengths)]),
-                            lls, ours_lengths, harness_lengths))
+        spaced = argmax([ll / (n + 1) for ll, n in zip(lls, lengths)])
+        if (spaced == item.label) != bool(sample["acc_norm"]):
+            with_space.append((i, item.label, spaced, lls, lengths))
 
-    print(f"model {args.model}, first {args.limit} items of each, lm-eval {theirs['lambada'].info['harness']}\n")
+    print(f"model {args.model}, first {args.limit} items of each, {theirs['lambada'].info['harness']}\n")
     print("| task | metric | layerwise | lm-eval (adapter) | items whose outcome differs |")
     print("|---|---|---:|---:|---:|")
     for task, metric in (("lambada", "acc"), ("lambada", "perplexity"), ("hellaswag", "acc"),
                          ("hellaswag", "acc_norm")):
-        count = len(differing.get((task, metric), [])) if (task, metric) in differing else "-"
+        count = len(differing[task, metric]) if (task, metric) in differing else "-"
         print(f"| {task} | {metric} | {ours[task].metrics[metric]:.4f} | {theirs[task].metrics[metric]:.4f} "
               f"| {count} |")
-    print(f"\nlargest |loglikelihood difference| over all scored continuations: {max_ll_gap:.2e} nats")
+    print(f"\nacc_norm divided by \" \" + ending instead: {len(with_space)} item(s) flip")
+    print(f"largest |loglikelihood difference| over all scored continuations: {max_ll_gap:.2e} nats")
     print(f"time: layerwise {ours_seconds:.1f} s, lm-eval {theirs_seconds:.1f} s")
     for (task, metric), indices in differing.items():
         if indices:
             print(f"{task} {metric} differs on items {indices}")
-    for i, label, ours_norm, harness_norm, lls, ours_lengths, harness_lengths in details:
-        print(f"  item {i}: label {label}; ours picks {ours_norm} dividing by {ours_lengths} characters (with the "
-              f"leading space), the harness's lengths {harness_lengths} (without it) pick {harness_norm}; "
+    for i, label, spaced, lls, lengths in with_space:
+        print(f"hellaswag item {i} (label {label}): dividing by the ending's characters {lengths} picks as lm-eval "
+              f"does; dividing by {[n + 1 for n in lengths]} (with the joining space) picks {spaced}; "
               f"loglikelihoods {[round(x, 3) for x in lls]}")
 
 
