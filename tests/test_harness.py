@@ -21,7 +21,7 @@ from layerwise.evaluate.suite import TASKS, evaluate, parse_tasks
 needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
                                    reason="lm-eval is not installed (pip install 'layerwise[harness]')")
 
-# The nine tasks and the items each scores offline (docs/evaluation.md lists where a split differs).
+# The nine tasks and the items each scores offline (README.md lists where a split differs).
 OFFLINE_ITEMS = {"arc_challenge": 299, "arc_easy": 570, "boolq": 3270, "hellaswag": 10042, "lambada": 5153,
                  "openbookqa": 500, "piqa": 1838, "sciq": 1000, "winogrande": 1267}
 
