@@ -60,8 +60,10 @@ class DepthAttention(nn.Module):
         w = self.hook_weights(self.weights(v))
         return kernel.reference_mix(w, v)
 
-    def hooked(self) -> bool:
-        return any(p._forward_hooks or p._forward_pre_hooks for p in (self, self.hook_sources, self.hook_weights))
+
+def watched(module: nn.Module) -> bool:
+    """Whether a hook is attached to any hook point inside `module`."""
+    return any(p._forward_hooks or p._forward_pre_hooks for p in module.modules() if isinstance(p, HookPoint))
 
 
 class ResidualScheme(Variant, nn.Module):
@@ -137,6 +139,7 @@ class BlockState(NamedTuple):
     block_logits: tuple | None = None
     queries: torch.Tensor | None = None
     phase1: tuple | None = None
+    path: str | None = None  # the kernel path that made it; None at start
 
 
 def _promoted_dtype(tensors) -> torch.dtype:
@@ -152,8 +155,11 @@ class BlockAttnRes(DepthRoutedScheme):
     at every block boundary (0-based: sublayer j with j % S == 0), checked after that sublayer's input is
     formed. The output is one more depth-softmax over all blocks and the last partial sum.
 
-    Computed by the fast path of `layerwise.kernels.attnres` (per-block logits cached, two phases) unless that
-    is forced off or a hook is attached to a mixer, which takes the reference path through `DepthAttention`.
+    Computed by the fast path of `layerwise.kernels.attnres` (per-block logits cached, two phases), or by the
+    reference path through `DepthAttention` when that is forced, when a hook is attached to any hook point of
+    a depth mixer or of the layer being run, and from then on for the states that path made. So whatever
+    observes the forward (capture, telemetry, diagnostics, which read states out and resume them after their
+    capture ends) sees the reference's stacked sources, its weights and its exact numbers in every dtype.
     """
 
     config_fields = ("attnres_blocks",)
@@ -191,16 +197,16 @@ class BlockAttnRes(DepthRoutedScheme):
     def start(self, h):
         return BlockState([], h)  # the first boundary records the embedding as b_0
 
-    def fast_path(self) -> bool:
-        """The fast kernel runs unless forced off or a hook watches a mixer (it would see no stacked sources)."""
-        return kernel.active_path() == "fast" and not any(m.hooked() for m in self.mixers) \
-            and not self.final_mixer.hooked()
+    def fast_path(self, state, layer=None) -> bool:
+        """Whether the fast kernel may continue `state` (see the class docstring for when it may not)."""
+        return state.path != "reference" and kernel.active_path() == "fast" and not watched(self) \
+            and not (layer is not None and watched(layer))
 
     def step(self, state, i, layer, ctx):
         ctx.position = i
-        fast = self.fast_path()
-        blocks, partial, block_logits, queries, phase1 = state if fast else (state.blocks, state.partial,
-                                                                              None, None, None)
+        fast = self.fast_path(state, layer)
+        blocks, partial, block_logits, queries, phase1, _ = state if fast else (state.blocks, state.partial,
+                                                                                 None, None, None, None)
         for j, sub in ((2 * i, layer.attn), (2 * i + 1, layer.mlp)):
             if fast:
                 x, blocks, block_logits, queries, phase1 = self._fast_input(j, blocks, partial, block_logits,
@@ -211,12 +217,12 @@ class BlockAttnRes(DepthRoutedScheme):
                 blocks, partial = (blocks if fast else blocks + [partial]), None
             out = sub.branch(x, ctx)
             partial = out if partial is None else partial + out
-        return BlockState(blocks, partial, block_logits, queries, phase1)
+        return BlockState(blocks, partial, block_logits, queries, phase1, "fast" if fast else "reference")
 
     def readout(self, state):
-        if not self.fast_path():
+        if not self.fast_path(state):
             return self.final_mixer(state.blocks + [state.partial])
-        blocks, partial, block_logits, queries, phase1 = state
+        blocks, partial, block_logits, queries, phase1, _ = state
         if not blocks:
             return partial
         final = len(self.mixers)
