@@ -1,6 +1,6 @@
 """Inference cost of AttnRes next to a standard residual: prefill time and per-token decode time with the KV cache.
 
-    python bench/inference.py --d-model 384 --layers 6 --heads 6 --vocab 8192 --batch 8 --prompt 256 \\
+    python bench/inference.py --d-model 384 --layers 6 --heads 6 --vocab 8192 --attnres-blocks 3 --batch 8 --prompt 256 \\
         --new-tokens 32 --presets pre-rmsnorm,block-attnres,attnres --attnres-kernel reference,fast --threads 1
 
 Every model is built first; then each timed round runs, model after model, one prefill of `--prompt` tokens and
@@ -21,6 +21,7 @@ import torch
 
 from layerwise import LayerwiseForCausalLM, ModelConfig
 from layerwise.kernels import attnres as attnres_kernel
+from layerwise.nn.registry import variant_of
 
 
 def sync(device):
@@ -54,6 +55,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--d-model", type=int)
     parser.add_argument("--layers", type=int)
     parser.add_argument("--heads", type=int)
+    parser.add_argument("--attnres-blocks", type=int, help="override N for the block AttnRes presets")
     parser.add_argument("--vocab", type=int)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt", type=int, default=256)
@@ -73,6 +75,9 @@ def main(argv=None) -> dict:
     runs = []
     for preset in [p.strip() for p in args.presets.split(",") if p.strip()]:
         cfg = ModelConfig.from_preset(preset, args.size, max_seq_len=args.prompt + args.new_tokens + 1, **overrides)
+        if args.attnres_blocks and "attnres_blocks" in variant_of(cfg, "residual").config_fields:
+            cfg = ModelConfig.from_preset(preset, args.size, max_seq_len=args.prompt + args.new_tokens + 1,
+                                          **overrides, attnres_blocks=args.attnres_blocks)
         model = LayerwiseForCausalLM(cfg).to(device).eval()
         routed = "attnres" in cfg.residual
         for path in paths if routed else ["fast"]:

@@ -3,7 +3,7 @@
     python bench/throughput.py --size 124m --out docs/throughput.json          # the H100 table
     python bench/throughput.py --size tiny --batch 4 --seq 128 --steps 5       # CPU smoke run
     python bench/throughput.py --size tiny --d-model 384 --layers 6 --heads 6 --vocab 8192 --batch 8 --seq 256 \
-        --presets pre-rmsnorm,block-attnres,attnres --modes eager,compiled --attnres-kernel reference,fast \
+        --attnres-blocks 3 --presets pre-rmsnorm,block-attnres,attnres --modes eager,compiled --attnres-kernel reference,fast \
         --repeats 3 --threads 1 --warmup 2 --steps 4                           # issue 12's CPU AttnRes table
 
 Each model runs forward + backward + AdamW (fused on CUDA) on random tokens: bf16 autocast and
@@ -41,6 +41,7 @@ from torch import nn
 import layerwise  # noqa: F401
 from layerwise import LayerwiseForCausalLM, ModelConfig
 from layerwise.kernels import attnres as attnres_kernel
+from layerwise.nn.registry import variant_of
 from layerwise.train.trainer import peak_flops
 
 DEFAULT_PRESETS = "pre-ln,pre-rmsnorm,lns,peri-ln,dyt,block-attnres,attnres,delta-attnres"
@@ -187,6 +188,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--d-model", type=int, help="override the size's width (and the reference's)")
     parser.add_argument("--layers", type=int, help="override the size's layer count")
     parser.add_argument("--heads", type=int, help="override the size's head count")
+    parser.add_argument("--attnres-blocks", type=int, help="override N for the block AttnRes presets")
     parser.add_argument("--vocab", type=int, help="override the size's vocabulary")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=1024)
@@ -227,6 +229,9 @@ def main(argv=None) -> dict:
                 ReferenceGPT(shape.vocab_size, shape.d_model, shape.n_layers, shape.n_heads, args.seq), shape)))
         for preset in presets:
             cfg = ModelConfig.from_preset(preset, args.size, max_seq_len=max(args.seq, 256), **overrides)
+            if args.attnres_blocks and "attnres_blocks" in variant_of(cfg, "residual").config_fields:
+                cfg = ModelConfig.from_preset(preset, args.size, max_seq_len=max(args.seq, 256), **overrides,
+                                              attnres_blocks=args.attnres_blocks)
             routed = "attnres" in cfg.residual
             for path in kernel_paths if routed else ["fast"]:
                 label = f"{preset} [{path}]" if routed and len(kernel_paths) > 1 else preset
