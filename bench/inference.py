@@ -16,12 +16,15 @@ import platform
 import sys
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
 from layerwise import LayerwiseForCausalLM, ModelConfig
 from layerwise.kernels import attnres as attnres_kernel
-from layerwise.nn.registry import variant_of
+
+sys.path.insert(0, str(Path(__file__).parent))
+from throughput import blocks_override  # noqa: E402  (one rule for --attnres-blocks)
 
 
 def sync(device):
@@ -74,10 +77,8 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     runs = []
     for preset in [p.strip() for p in args.presets.split(",") if p.strip()]:
-        cfg = ModelConfig.from_preset(preset, args.size, max_seq_len=args.prompt + args.new_tokens + 1, **overrides)
-        if args.attnres_blocks and "attnres_blocks" in variant_of(cfg, "residual").config_fields:
-            cfg = ModelConfig.from_preset(preset, args.size, max_seq_len=args.prompt + args.new_tokens + 1,
-                                          **overrides, attnres_blocks=args.attnres_blocks)
+        cfg = ModelConfig.from_preset(preset, args.size, max_seq_len=args.prompt + args.new_tokens + 1, **overrides,
+                                      **blocks_override(preset, args))
         model = LayerwiseForCausalLM(cfg).to(device).eval()
         routed = "attnres" in cfg.residual
         for path in paths if routed else ["fast"]:

@@ -41,7 +41,8 @@ from torch import nn
 import layerwise  # noqa: F401
 from layerwise import LayerwiseForCausalLM, ModelConfig
 from layerwise.kernels import attnres as attnres_kernel
-from layerwise.nn.registry import variant_of
+from layerwise.nn.residual import RESIDUALS
+from layerwise.presets import preset_fields
 from layerwise.train.trainer import peak_flops
 
 DEFAULT_PRESETS = "pre-ln,pre-rmsnorm,lns,peri-ln,dyt,block-attnres,attnres,delta-attnres"
@@ -181,6 +182,13 @@ def shape_overrides(args) -> dict:
     return {k: v for k, v in named.items() if v is not None}
 
 
+def blocks_override(preset: str, args) -> dict:
+    """{"attnres_blocks": N} for a preset whose residual scheme reads it, when --attnres-blocks is given."""
+    residual = RESIDUALS.get(preset_fields(preset, args.size).get("residual", "standard"))
+    return {"attnres_blocks": args.attnres_blocks} if args.attnres_blocks and \
+        "attnres_blocks" in residual.config_fields else {}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", default=DEFAULT_PRESETS)
@@ -228,10 +236,8 @@ def main(argv=None) -> dict:
             builders.append(("nanoGPT-style reference", "fast", lambda: (
                 ReferenceGPT(shape.vocab_size, shape.d_model, shape.n_layers, shape.n_heads, args.seq), shape)))
         for preset in presets:
-            cfg = ModelConfig.from_preset(preset, args.size, max_seq_len=max(args.seq, 256), **overrides)
-            if args.attnres_blocks and "attnres_blocks" in variant_of(cfg, "residual").config_fields:
-                cfg = ModelConfig.from_preset(preset, args.size, max_seq_len=max(args.seq, 256), **overrides,
-                                              attnres_blocks=args.attnres_blocks)
+            cfg = ModelConfig.from_preset(preset, args.size, max_seq_len=max(args.seq, 256), **overrides,
+                                          **blocks_override(preset, args))
             routed = "attnres" in cfg.residual
             for path in kernel_paths if routed else ["fast"]:
                 label = f"{preset} [{path}]" if routed and len(kernel_paths) > 1 else preset
