@@ -126,4 +126,5 @@ def merge_partial(mixed: torch.Tensor, top: torch.Tensor, total: torch.Tensor, p
     new_top = torch.maximum(top, partial_logit)
     a = total * torch.exp(top - new_top)
     b = torch.exp(partial_logit - new_top)
-    return (a[..., None] * mixed + b[..., None] * partial) / (a + b)[..., None]
+    # (a * mixed + b * partial) / (a + b) as one pass over the d-wide tensors.
+    return torch.lerp(mixed, at_least_float32(partial), (b / (a + b))[..., None])
