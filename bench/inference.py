@@ -1,7 +1,7 @@
 """Inference cost of AttnRes next to a standard residual: prefill time and per-token decode time with the KV cache.
 
     python bench/inference.py --d-model 384 --layers 6 --heads 6 --vocab 8192 --attnres-blocks 3 --batch 8 --prompt 256 \\
-        --new-tokens 32 --presets pre-rmsnorm,block-attnres,attnres --attnres-kernel reference,fast --threads 1
+        --new-tokens 32 --presets pre-rmsnorm,block-attnres,attnres --attnres-kernel reference,fast,auto --threads 1
 
 Every model is built first; then each timed round runs, model after model, one prefill of `--prompt` tokens and
 `--new-tokens` greedy decode steps (T = 1, reading the KV cache), so a noisy machine slows all alike; the
@@ -66,7 +66,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--baseline", default="pre-rmsnorm")
-    parser.add_argument("--attnres-kernel", default="reference,fast")
+    parser.add_argument("--attnres-kernel", default="reference,fast,auto")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads:

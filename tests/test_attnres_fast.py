@@ -61,7 +61,7 @@ def test_fast_path_equals_the_reference_in_logits_and_every_gradient(residual, n
 def test_fast_kv_cache_decoding_equals_full_forwards(residual, n_layers, n_blocks):
     model = _model(residual, n_layers, n_blocks)
     ids = torch.randint(0, 256, (2, 10))
-    with torch.no_grad():
+    with torch.no_grad(), kernel.use("fast"):  # "auto" would take the reference for so few tokens
         full = model(input_ids=ids, use_cache=False).logits
         out = model(input_ids=ids[:, :6], use_cache=True)
         steps = [out.logits]
@@ -70,14 +70,15 @@ def test_fast_kv_cache_decoding_equals_full_forwards(residual, n_layers, n_block
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-12, rtol=0)
     prompt = ids[:, :4]
-    generated = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    with kernel.use("fast"):
+        generated = model.generate(prompt, max_new_tokens=6, do_sample=False)
     assert torch.equal(generated, greedy_without_cache(model, prompt, 6))
 
 
 def test_a_hooked_mixer_takes_the_reference_path_and_sees_the_depth_weights(reference_calls):
     model = _model("block_attnres", 4, 4)
     ids = torch.randint(0, 256, (1, 7))
-    with torch.no_grad():
+    with torch.no_grad(), kernel.use("fast"):
         plain = model(input_ids=ids, use_cache=False).logits
         assert reference_calls == []
         with capture(model, ["model.residual.mixers.5.hook_sources", "model.residual.mixers.5.hook_weights"]) as seen:
@@ -144,7 +145,7 @@ def test_source_logits_fold_the_key_norm_gain_into_the_query():
 
 def test_unknown_kernel_path_is_refused_naming_the_setting(monkeypatch):
     monkeypatch.setenv(kernel.ENV_VAR, "triton")
-    with pytest.raises(UserError, match="LAYERWISE_ATTNRES_KERNEL='triton'.*fast, reference"):
+    with pytest.raises(UserError, match="LAYERWISE_ATTNRES_KERNEL='triton'.*auto, fast, reference"):
         kernel.active_path()
     with pytest.raises(UserError, match=r"use\(path\)='fused'"):
         with kernel.use("fused"):
@@ -153,3 +154,15 @@ def test_unknown_kernel_path_is_refused_naming_the_setting(monkeypatch):
     assert kernel.active_path() == "reference"
     with kernel.use("fast"):
         assert kernel.active_path() == "fast"
+    monkeypatch.delenv(kernel.ENV_VAR)
+    assert kernel.active_path() == "auto"
+
+
+def test_auto_takes_the_fast_path_from_the_token_threshold_up(reference_calls):
+    model = _model("block_attnres", 2, 2)
+    rows = kernel.FAST_MIN_TOKENS // 8  # tokens = batch x 8
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 256, (rows - 1, 8)), use_cache=False)
+        assert len(reference_calls) == 2 * 2 + 1
+        model(input_ids=torch.randint(0, 256, (rows, 8)), use_cache=False)
+        assert len(reference_calls) == 2 * 2 + 1  # no more reference calls

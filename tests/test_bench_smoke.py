@@ -47,7 +47,7 @@ def test_inference_benchmark_times_prefill_and_cached_decode_per_kernel():
                                        "--batch", "1", "--prompt", "8", "--new-tokens", "2", "--repeats", "1",
                                        "--presets", "pre-rmsnorm,block-attnres", "--threads", "1"])
     rows = {row["model"]: row for row in result["rows"]}
-    assert list(rows) == ["pre-rmsnorm", "block-attnres [reference]", "block-attnres [fast]"]
+    assert list(rows) == ["pre-rmsnorm", "block-attnres [reference]", "block-attnres [fast]", "block-attnres [auto]"]
     assert all(row["prefill_ms"] > 0 and row["decode_ms"] > 0 for row in rows.values())
     assert rows["pre-rmsnorm"]["decode_vs_baseline"] == 1.0
 

@@ -1,20 +1,24 @@
 """Depth mixing for Attention Residuals (Kimi Team, arXiv 2603.15031): h = sum_i softmax_i(w . RMSNorm(v_i)) v_i.
 
-Two paths compute it, chosen at run time (never stored in a checkpoint or config):
+Two paths compute it, chosen at run time (never stored in a checkpoint or config) by the setting "auto" (the
+default), "fast" or "reference", from `use(...)` or else the environment variable LAYERWISE_ATTNRES_KERNEL:
 
 - **reference**: stack the sources, RMS-normalise every key, dot with the pseudo-query, softmax over depth in
   float32, weighted sum. It is what `DepthAttention.forward` does, with its hook points in between. The
   residual schemes take it when forced (`use("reference")` or `LAYERWISE_ATTNRES_KERNEL=reference`) and whenever
   a hook is attached to any depth mixer's hook point, so `hook_sources` / `hook_weights` see the stacked
   sources and the weights.
-- **fast** (the default otherwise): with RMSNorm(v) = gamma * v * rsqrt(mean(v^2) + eps),
+- **fast** (forced by "fast"; under "auto", whenever nothing forces the reference and the forward has at least
+  `FAST_MIN_TOKENS` tokens or runs under torch.compile): with RMSNorm(v) = gamma * v * rsqrt(mean(v^2) + eps),
   w . RMSNorm(v) = rsqrt(mean(v^2) + eps) * (v . (gamma * w)). So each source is read once for its inverse RMS
   and its dot products with the effective queries gamma_l * w_l of every mixer (`source_logits`, one
   [tokens, d] x [d, mixers] product in float32), and no key is normalised again. Block AttnRes then runs the
   paper's two phases: once per block, `depth_softmax` + `depth_mix` combine the completed blocks for all of the
   block's mixers; per sublayer, `merge_partial` adds the running partial sum by an online-softmax merge. Full
   AttnRes is the one-sublayer-per-block case. `depth_mix` sums the sources one by one (no stacked copy) and
-  saves only references to them and the weights for backward.
+  saves only references to them and the weights for backward. Eager decoding (T = 1, a few tokens) is
+  launch-bound, and the fast path's extra small ops made it slower there (CPU, d = 384, batch 8: 60 vs 48 ms
+  per token), hence the token threshold.
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ import torch
 from ..errors import UserError
 from ..numerics import at_least_float32
 
-PATHS = ("fast", "reference")
+PATHS = ("auto", "fast", "reference")
 ENV_VAR = "LAYERWISE_ATTNRES_KERNEL"
+FAST_MIN_TOKENS = 256
 _forced: str | None = None
 
 
@@ -40,15 +45,23 @@ def _checked(name: str, where: str) -> str:
 
 
 def active_path() -> str:
-    """The path `use` forces, else the one `LAYERWISE_ATTNRES_KERNEL` names, else "fast"."""
+    """The setting `use` gives, else the one `LAYERWISE_ATTNRES_KERNEL` names, else "auto"."""
     if _forced is not None:
         return _forced
-    return _checked(os.environ.get(ENV_VAR, "fast"), ENV_VAR)
+    return _checked(os.environ.get(ENV_VAR, "auto"), ENV_VAR)
+
+
+def fast_path_for(tokens: int) -> bool:
+    """Whether the active setting runs the fast path on a forward of `tokens` tokens (hooks aside)."""
+    path = active_path()
+    if path == "auto":
+        return tokens >= FAST_MIN_TOKENS or torch.compiler.is_compiling()
+    return path == "fast"
 
 
 @contextmanager
 def use(path: str) -> Iterator[None]:
-    """Force `path` ("fast" or "reference") for every AttnRes forward inside the block."""
+    """Apply `path` ("auto", "fast" or "reference") to every AttnRes forward inside the block."""
     global _forced
     previous, _forced = _forced, _checked(path, "kernels.attnres.use(path)")
     try:

@@ -155,8 +155,8 @@ class BlockAttnRes(DepthRoutedScheme):
     at every block boundary (0-based: sublayer j with j % S == 0), checked after that sublayer's input is
     formed. The output is one more depth-softmax over all blocks and the last partial sum.
 
-    Computed by the fast path of `layerwise.kernels.attnres` (per-block logits cached, two phases), or by the
-    reference path through `DepthAttention` when that is forced, when a hook is attached to any hook point of
+    Computed by the fast path of `layerwise.kernels.attnres` (per-block logits cached, two phases; see there
+    for when it runs), or by the reference path through `DepthAttention` when that is chosen, when a hook is attached to any hook point of
     a depth mixer or of the layer being run, and from then on for the states that path made. So whatever
     observes the forward (capture, telemetry, diagnostics, which read states out and resume them after their
     capture ends) sees the reference's stacked sources, its weights and its exact numbers in every dtype.
@@ -199,8 +199,9 @@ class BlockAttnRes(DepthRoutedScheme):
 
     def fast_path(self, state, layer=None) -> bool:
         """Whether the fast kernel may continue `state` (see the class docstring for when it may not)."""
-        return state.path != "reference" and kernel.active_path() == "fast" and not watched(self) \
-            and not (layer is not None and watched(layer))
+        partial = state.partial if state.partial is not None else state.blocks[-1]
+        return state.path != "reference" and kernel.fast_path_for(partial.numel() // partial.shape[-1]) \
+            and not watched(self) and not (layer is not None and watched(layer))
 
     def step(self, state, i, layer, ctx):
         ctx.position = i
