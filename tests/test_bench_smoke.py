@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import torch
+
 
 def test_throughput_benchmark_runs_reference_and_presets_side_by_side(tmp_path):
     path = Path(__file__).parents[1] / "bench" / "throughput.py"
@@ -16,6 +18,47 @@ def test_throughput_benchmark_runs_reference_and_presets_side_by_side(tmp_path):
     assert names == ["nanoGPT-style reference", "pre-ln", "block-attnres"]
     assert all(row["tokens_per_s"] > 0 and row["ratio"] > 0 for row in result["rows"])
     assert result["rows"][0]["ratio"] == 1.0 and (tmp_path / "t.json").exists()
+
+
+def _bench(name):
+    path = Path(__file__).parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_throughput_benchmark_measures_both_attnres_kernels_with_shape_overrides_and_memory():
+    result = _bench("throughput").main([
+        "--size", "tiny", "--d-model", "64", "--layers", "2", "--heads", "2", "--vocab", "128", "--batch", "1",
+        "--seq", "16", "--warmup", "1", "--steps", "1", "--repeats", "2", "--threads", "1", "--no-nanogpt",
+        "--modes", "eager", "--presets", "pre-rmsnorm,block-attnres", "--attnres-kernel", "reference,fast"])
+    rows = {row["model"]: row for row in result["rows"]}
+    assert list(rows) == ["pre-rmsnorm", "block-attnres [reference]", "block-attnres [fast]"]
+    assert rows["pre-rmsnorm"]["vs_baseline"] == 1.0 and rows["pre-rmsnorm"]["mem_vs_baseline"] == 1.0
+    assert all(row["tokens_per_s"] > 0 and row["train_mem_gib"] > 0 for row in rows.values())
+    assert "d=64, 2 layers" in result["header"]
+    # The reference path saves a stacked copy of the sources per sublayer; the fast path saves references.
+    assert rows["block-attnres [fast]"]["train_mem_gib"] < rows["block-attnres [reference]"]["train_mem_gib"]
+
+
+def test_inference_benchmark_times_prefill_and_cached_decode_per_kernel():
+    result = _bench("inference").main(["--d-model", "64", "--layers", "2", "--heads", "2", "--vocab", "128",
+                                       "--batch", "1", "--prompt", "8", "--new-tokens", "2", "--repeats", "1",
+                                       "--presets", "pre-rmsnorm,block-attnres", "--threads", "1"])
+    rows = {row["model"]: row for row in result["rows"]}
+    assert list(rows) == ["pre-rmsnorm", "block-attnres [reference]", "block-attnres [fast]", "block-attnres [auto]"]
+    assert all(row["prefill_ms"] > 0 and row["decode_ms"] > 0 for row in rows.values())
+    assert rows["pre-rmsnorm"]["decode_vs_baseline"] == 1.0
+
+
+def test_attnres_kernel_benchmark_checks_ours_against_the_reference_and_names_the_cuda_packages():
+    result = _bench("attnres_kernels").main(["--tokens", "32", "--d-model", "16", "--repeats", "1", "--no-compile",
+                                             "--threads", "1"])
+    rows = {row["kernel"]: row for row in result["rows"]}
+    assert rows["ours"]["max_abs_diff"] < 1e-4 and rows["ours"]["train_ms"] > 0
+    if not torch.cuda.is_available():
+        assert len(result["notes"]) == 3 and all("need CUDA" in note for note in result["notes"])
 
 
 def test_trainer_benchmark_reports_data_share_and_ratio_to_the_bare_step():

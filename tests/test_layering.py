@@ -20,6 +20,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "layerwise"
 # Lower number = lower level. A part is a top-level module or subpackage of layerwise.
 LEVELS = {
     "errors": 0, "numerics": 0, "lazy": 0,
+    "kernels": 0.5,  # fast paths of the math: torch and level-0 modules only, below nn
     "nn": 1, "data": 1, "depth_metrics": 1,
     "config": 2, "validation": 2, "presets": 2, "model": 2,
     "arch": 3, "runs": 3,

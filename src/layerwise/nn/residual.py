@@ -15,13 +15,14 @@ sublayer's `branch` (its output before any residual add) and route the inputs th
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from functools import reduce
+from typing import Iterator, NamedTuple
 
 import torch
 from torch import nn
 
 from .hooks import HookPoint
-from ..numerics import at_least_float32
+from ..kernels import attnres as kernel
 from .norms import RMSNorm
 from .registry import Registry, Variant, fail, variant_of
 
@@ -51,14 +52,18 @@ class DepthAttention(nn.Module):
 
     def weights(self, sources: torch.Tensor) -> torch.Tensor:
         """Depth-attention weights [S, B, T] for stacked sources [S, B, T, d], softmax over S in float32."""
-        # Elementwise product + sum, not a matmul: autocast would run a matmul in bf16.
-        logits = (at_least_float32(self.key_norm(sources)) * at_least_float32(self.query)).sum(-1)
-        return logits.softmax(dim=0)
+        return kernel.reference_weights(self.key_norm(sources), self.query)
 
     def forward(self, sources: list[torch.Tensor]) -> torch.Tensor:
+        """The reference path (`layerwise.kernels.attnres`); the schemes' fast path bypasses it and its hooks."""
         v = self.hook_sources(torch.stack(sources))
         w = self.hook_weights(self.weights(v))
-        return (w.unsqueeze(-1) * at_least_float32(v)).sum(0).to(v.dtype)
+        return kernel.reference_mix(w, v)
+
+
+def watched(module: nn.Module) -> bool:
+    """Whether a hook is attached to any hook point inside `module`."""
+    return any(p._forward_hooks or p._forward_pre_hooks for p in module.modules() if isinstance(p, HookPoint))
 
 
 class ResidualScheme(Variant, nn.Module):
@@ -123,6 +128,24 @@ class DepthRoutedScheme(ResidualScheme):
     depth_dependence = "routes each sublayer over the sources before it, counted by position"
 
 
+class BlockState(NamedTuple):
+    """Block AttnRes depth state: the completed block sums and the running partial sum, plus what the fast path
+    caches (see `layerwise.kernels.attnres`): each block's logits for every mixer [B, T, mixers], the
+    effective queries, and phase 1 of the current block (first mixer, the mixture of the completed blocks for
+    each of its mixers, and their softmax max and sum). The reference path ignores and drops the caches."""
+
+    blocks: list
+    partial: torch.Tensor | None
+    block_logits: tuple | None = None
+    queries: torch.Tensor | None = None
+    phase1: tuple | None = None
+    path: str | None = None  # the kernel path that made it; None at start
+
+
+def _promoted_dtype(tensors) -> torch.dtype:
+    return reduce(torch.promote_types, (t.dtype for t in tensors))
+
+
 @RESIDUALS.register("block_attnres")
 class BlockAttnRes(DepthRoutedScheme):
     """Block AttnRes (Kimi Team, arXiv 2603.15031): each sublayer reads a depth-softmax over block sums.
@@ -131,6 +154,12 @@ class BlockAttnRes(DepthRoutedScheme):
     [b_0 = embedding, b_1, ...] plus the running partial sum of its own block; the partial sum starts empty
     at every block boundary (0-based: sublayer j with j % S == 0), checked after that sublayer's input is
     formed. The output is one more depth-softmax over all blocks and the last partial sum.
+
+    Computed by the fast path of `layerwise.kernels.attnres` (per-block logits cached, two phases; see there
+    for when it runs), or by the reference path through `DepthAttention` when that is chosen, when a hook is attached to any hook point of
+    a depth mixer or of the layer being run, and from then on for the states that path made. So whatever
+    observes the forward (capture, telemetry, diagnostics, which read states out and resume them after their
+    capture ends) sees the reference's stacked sources, its weights and its exact numbers in every dtype.
     """
 
     config_fields = ("attnres_blocks",)
@@ -166,22 +195,89 @@ class BlockAttnRes(DepthRoutedScheme):
         return (2 * n_layers - 1) // self.block_size + 2
 
     def start(self, h):
-        return [], h  # (completed block sums, partial sum); the first boundary records the embedding as b_0
+        return BlockState([], h)  # the first boundary records the embedding as b_0
+
+    def fast_path(self, state, layer=None) -> bool:
+        """Whether the fast kernel may continue `state` (see the class docstring for when it may not)."""
+        partial = state.partial if state.partial is not None else state.blocks[-1]
+        return state.path != "reference" and kernel.fast_path_for(partial.numel() // partial.shape[-1]) \
+            and not watched(self) and not (layer is not None and watched(layer))
 
     def step(self, state, i, layer, ctx):
         ctx.position = i
-        blocks, partial = state
+        fast = self.fast_path(state, layer)
+        blocks, partial, block_logits, queries, phase1, _ = state if fast else (state.blocks, state.partial,
+                                                                                 None, None, None, None)
         for j, sub in ((2 * i, layer.attn), (2 * i + 1, layer.mlp)):
-            x = self.mixers[j](blocks + [partial])
+            if fast:
+                x, blocks, block_logits, queries, phase1 = self._fast_input(j, blocks, partial, block_logits,
+                                                                            queries, phase1)
+            else:
+                x = self.mixers[j](blocks + [partial])
             if j % self.block_size == 0:
-                blocks, partial = blocks + [partial], None
+                blocks, partial = (blocks if fast else blocks + [partial]), None
             out = sub.branch(x, ctx)
             partial = out if partial is None else partial + out
-        return blocks, partial
+        return BlockState(blocks, partial, block_logits, queries, phase1, "fast" if fast else "reference")
 
     def readout(self, state):
-        blocks, partial = state
-        return self.final_mixer(blocks + [partial])
+        if not self.fast_path(state):
+            return self.final_mixer(state.blocks + [state.partial])
+        blocks, partial, block_logits, queries, phase1, _ = state
+        if not blocks:
+            return partial
+        final = len(self.mixers)
+        queries, block_logits = self._caches(blocks, block_logits, queries)
+        if not self._covers(phase1, final, len(blocks)):
+            phase1 = self._phase1(final, final + 1, blocks, block_logits)
+        return self._merge(final, phase1, blocks, partial, queries)
+
+    # ---- the fast path -----------------------------------------------------------------------------------------
+
+    def _caches(self, blocks, block_logits, queries):
+        """The effective queries and every completed block's logits, computing whatever the state lacks."""
+        if queries is None:
+            mixers = [*self.mixers, self.final_mixer]
+            queries = kernel.effective_queries([m.query for m in mixers], [m.key_norm.weight for m in mixers])
+        known = block_logits or ()
+        eps = self.final_mixer.key_norm.eps
+        return queries, known + tuple(kernel.source_logits(b, queries, eps) for b in blocks[len(known):])
+
+    def _phase1(self, first, end, blocks, block_logits):
+        """Phase 1 for mixers first..end-1: their softmax over the completed blocks, normalised mixture and stats."""
+        weights, top, total = kernel.depth_softmax(torch.stack([lg[..., first:end] for lg in block_logits]))
+        mixed = kernel.depth_mix(weights.movedim(-1, 0), blocks)  # [mixers, B, T, d]
+        return first, len(blocks), mixed, top.movedim(-1, 0), total.movedim(-1, 0)
+
+    @staticmethod
+    def _covers(phase1, j, n_blocks) -> bool:
+        """Phase 1 serves mixer j over these blocks (after skipped layers it may belong to another block)."""
+        return phase1 is not None and phase1[1] == n_blocks and phase1[0] <= j < phase1[0] + phase1[2].shape[0]
+
+    def _merge(self, j, phase1, blocks, partial, queries):
+        """Phase 2: mixer j's input, phase 1's mixture merged with the partial sum by online softmax."""
+        first, _, mixed, top, total = phase1
+        k = j - first
+        partial_logit = kernel.source_logits(partial, queries[:, j:j + 1], self.final_mixer.key_norm.eps)[..., 0]
+        x = kernel.merge_partial(mixed[k], top[k], total[k], partial_logit, partial)
+        return x.to(_promoted_dtype([*blocks, partial]))
+
+    def _fast_input(self, j, blocks, partial, block_logits, queries, phase1):
+        """Sublayer j's input and the state's caches after it; at a boundary the partial becomes a block first."""
+        n_sub = len(self.mixers)
+        if j % self.block_size == 0:
+            blocks = blocks + [partial]
+        elif not blocks:  # only after skipped layers: the partial is the only source
+            return partial, blocks, block_logits, queries, phase1
+        queries, block_logits = self._caches(blocks, block_logits, queries)
+        block_end = min((j // self.block_size + 1) * self.block_size, n_sub)
+        if j % self.block_size == 0 or not self._covers(phase1, j, len(blocks)):
+            # The last block's phase 1 serves the final mixer too (the column after the last sublayer's).
+            phase1 = self._phase1(j, block_end + (block_end == n_sub), blocks, block_logits)
+        if j % self.block_size == 0:
+            first, _, mixed, _, _ = phase1
+            return mixed[j - first].to(_promoted_dtype(blocks)), blocks, block_logits, queries, phase1
+        return self._merge(j, phase1, blocks, partial, queries), blocks, block_logits, queries, phase1
 
 
 @RESIDUALS.register("full_attnres")
