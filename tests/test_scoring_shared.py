@@ -26,6 +26,7 @@ PROMPTS = [
     Prompt("To be, or not to be, that is the", (" question",)),  # one continuation: never shared
     Prompt("All the world's a stage, and all the men and women merely ", ("players", "actors")),  # trailing space
     Prompt("The quality of mercy was not", (" strained", " a droppeth as the gentle rain")),  # same length as 3rd
+    Prompt("The quantity of mercy is not", (" strained", " known", " twice blest")),  # rows batched with the 3rd's
     Prompt("Friends, Romans, countrymen,", (" lend me your ears", " go", " I come to bury Caesar, not to praise")),
 ]
 
@@ -65,7 +66,7 @@ def test_the_prompts_cover_a_bpe_merge_across_the_cut_and_contexts_of_one_and_of
     assert whole[: len(context)] != context  # the merged token is not the context's last token
     assert context + continuations[0] != whole
     lengths = [len(encode_prompt(bpe, p)[0]) for p in PROMPTS]
-    assert lengths[2] == lengths[5] and len(set(lengths)) >= 5
+    assert lengths[2] == lengths[5] == lengths[7] and len(set(lengths)) >= 5
 
 
 @pytest.mark.parametrize("family", HF_FAMILIES)
