@@ -164,7 +164,7 @@ def test_a_model_without_a_kv_cache_is_scored_per_row(bpe):
 
 
 class CacheDroppingLM(CachelessLM):
-    def forward(self, input_ids, past_key_values=None, use_cache=None):
+    def forward(self, input_ids, past_key_values=None, use_cache=None, **kwargs):
         return SimpleNamespace(logits=self.inner(input_ids=input_ids).logits, past_key_values=None)
 
 

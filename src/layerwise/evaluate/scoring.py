@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -122,8 +123,8 @@ def score_prompts(model, tokenizer, prompts: Sequence[Prompt], batch_size: int =
             done += len(batch)
             if progress is not None:
                 progress(done, len(prompts))
-        for batch in _same_length_contexts(shared, batch_size):
-            for i, choices in zip(batch, _score_shared(model, [shared[i] for i in batch], batch_size)):
+        for batch in _contexts(shared, batch_size):
+            for i, choices in zip(batch, _score_shared_contexts(model, [shared[i] for i in batch], batch_size)):
                 scores[i] = choices
             done += len(batch)
             if progress is not None:
@@ -198,18 +199,11 @@ def _scores(picked: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) ->
             for ll, g, n in zip(loglikelihood.tolist(), greedy.tolist(), n_tokens.tolist())]
 
 
-def _same_length_contexts(shared: dict[int, tuple[list[int], list[list[int]]]],
-                          batch_size: int) -> Iterator[list[int]]:
-    """Prompt indices per context forward: contexts of one token length only (so the forward needs no padding,
-    mask or position ids, and continuations follow every cached context at the same offset), longest first,
-    up to batch_size contexts."""
-    by_length: dict[int, list[int]] = {}
-    for i, (context_ids, _) in shared.items():
-        by_length.setdefault(len(context_ids), []).append(i)
-    for length in sorted(by_length, reverse=True):
-        prompts = by_length[length]
-        for first in range(0, len(prompts), batch_size):
-            yield prompts[first: first + batch_size]
+def _contexts(shared: dict[int, tuple[list[int], list[list[int]]]], batch_size: int) -> Iterator[list[int]]:
+    """Prompt indices per context forward: longest contexts first (little padding), up to batch_size."""
+    order = sorted(shared, key=lambda i: -len(shared[i][0]))
+    for first in range(0, len(order), batch_size):
+        yield order[first: first + batch_size]
 
 
 # A continuation batch may hold this many times its real tokens in right padding before it is split in two.
@@ -219,15 +213,43 @@ def _same_length_contexts(shared: dict[int, tuple[list[int], list[list[int]]]],
 PADDING_ALLOWANCE = 1.25
 
 
+def _score_shared_contexts(model, prompts: list[tuple[list[int], list[list[int]]]],
+                           batch_size: int) -> list[list[Score]]:
+    """`_score_shared` over contexts of different lengths, left-padded into one forward: on CPU the weights are
+    read once per forward, so a forward per context length was ~1.6x slower in all than one per batch. A model
+    whose padding turns scores into NaN (Gemma-2 with its eager, soft-capped attention does: a pad query has
+    every key masked, and its NaN reaches real tokens through their zero attention weights) is rescored one
+    context length at a time, which needs no padding."""
+    scores = _score_shared(model, prompts, batch_size)
+    if len({len(context) for context, _ in prompts}) == 1 or not any(
+            math.isnan(s.loglikelihood) for choices in scores for s in choices):
+        return scores
+    by_length: dict[int, list[int]] = {}
+    for p, (context, _) in enumerate(prompts):
+        by_length.setdefault(len(context), []).append(p)
+    for group in by_length.values():
+        for p, choices in zip(group, _score_shared(model, [prompts[p] for p in group], batch_size)):
+            scores[p] = choices
+    return scores
+
+
 def _score_shared(model, prompts: list[tuple[list[int], list[list[int]]]], batch_size: int) -> list[list[Score]]:
-    """Scores of prompts whose contexts have one length: one forward over the contexts builds the KV cache and
-    predicts every continuation's first token from the context's last position; the continuations' other
-    tokens come from forwards over the continuations after a copy of the cache, each continuation row reading
+    """Scores of prompts from their contexts, left-padded (attention mask and position ids count real tokens
+    only): one forward over the contexts builds the KV cache and predicts every continuation's first token from
+    the context's last position; the continuations' other tokens come from forwards over the continuations after a copy of the cache, each continuation row reading
     its own prompt's cache row. Continuations are right-padded (under the causal mask a pad only follows real
     tokens), batched longest first while the padding stays within PADDING_ALLOWANCE."""
     device = model_device(model)
+    lengths = torch.tensor([len(context) for context, _ in prompts], device=device)
+    width = int(lengths.max())
+    inputs = torch.zeros(len(prompts), width, dtype=torch.long)
+    for p, (context, _) in enumerate(prompts):
+        inputs[p, width - len(context):] = torch.tensor(context)
+    # Left padding: every context ends at the last column, which predicts its continuations' first tokens.
+    mask = (torch.arange(width, device=device)[None] >= (width - lengths)[:, None]).long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     options = {"use_cache": True, **({"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {})}
-    out = model(input_ids=torch.tensor([context for context, _ in prompts], device=device), **options)
+    out = model(input_ids=inputs.to(device), attention_mask=mask, position_ids=positions, **options)
     if out.past_key_values is None:
         raise UserError(f"{type(model).__name__} returned no KV cache to share a context from; "
                         "score with shared_context=False")
@@ -247,7 +269,11 @@ def _score_shared(model, prompts: list[tuple[list[int], list[list[int]]]], batch
         if n_max > 1:  # input j of a continuation (its token j) predicts its token j + 1
             cache = copy.deepcopy(out.past_key_values)
             cache.batch_select_indices(owners)
-            later = model(input_ids=targets[:, :-1].to(device), past_key_values=cache, use_cache=True).logits
+            steps = torch.arange(n_max - 1, device=device)
+            later = model(input_ids=targets[:, :-1].to(device), past_key_values=cache, use_cache=True,
+                          attention_mask=torch.cat([mask[owners], torch.ones(len(chunk), n_max - 1, dtype=torch.long,
+                                                                                 device=device)], 1),
+                          position_ids=lengths[owners][:, None] + steps).logits
             picked = torch.cat([picked, later], dim=1)
         for r, score in zip(chunk, _scores(picked, targets.to(device), valid.to(device))):
             scores[r] = score
