@@ -1,19 +1,26 @@
 """Loglikelihood of continuations given a context, for any in-memory causal LM (Hugging Face or layerwise),
 computed the way lm-evaluation-harness scores its `loglikelihood` requests so that numbers compare.
 
-A prompt's continuations (HellaSwag's four endings, LAMBADA's one last word) always share a forward batch,
-and several prompts are packed into one batch up to `batch_size` sequences."""
+A prompt with several continuations (HellaSwag's four endings) is scored from a shared context by default: one
+forward over the context with the KV cache, then the continuations from copies of that cache, so the context
+runs once instead of once per continuation. Everything else (one continuation, as LAMBADA's last word; a row
+left-truncated to the model's window; a model whose forward takes no `past_key_values`; `shared_context=False`)
+runs each context + continuation as its own row, several prompts packed into one batch up to `batch_size`
+sequences. Both give each continuation the loglikelihood of a plain forward over context + continuation."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
 from ..numerics import at_least_float32  # log-softmax in bf16 would cost ~0.01 nats per token
 
 Progress = Callable[[int, int], None]  # (done, total) in the task's own unit: prompts or windows
@@ -85,17 +92,26 @@ def encode_prompt(tokenizer, prompt: Prompt) -> tuple[list[int], list[list[int]]
 
 
 def score_prompts(model, tokenizer, prompts: Sequence[Prompt], batch_size: int = 32,
-                  progress: Progress | None = None) -> list[list[Score]]:
-    """Scores of every continuation of every prompt, in the prompts' order."""
+                  progress: Progress | None = None, shared_context: bool = True) -> list[list[Score]]:
+    """Scores of every continuation of every prompt, in the prompts' order. `shared_context=False` scores every
+    continuation as its own row even where the context could be shared (the reference the shared path is
+    tested against)."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}; use 1 or more sequences per forward")
     max_length = model_max_length(model)
-    rows_of = []  # per prompt: (token row, continuation length) for each continuation
-    for prompt in prompts:
+    share = shared_context and _accepts(model, "past_key_values")
+    rows_of = {}  # prompt index -> (token row, continuation length) for each continuation, scored unshared
+    shared = {}  # prompt index -> (context ids, continuation ids), scored from one context forward
+    for i, prompt in enumerate(prompts):
         if not prompt.continuations:
             raise ValueError(f"prompt {prompt.context[:40]!r}... has no continuations to score; give at least one")
         context_ids, continuation_ids = encode_prompt(tokenizer, prompt)
-        rows_of.append([_fit_row(context_ids + ids, len(ids), max_length) for ids in continuation_ids])
+        rows = [_fit_row(context_ids + ids, len(ids), max_length) for ids in continuation_ids]
+        untruncated = all(len(tokens) == len(context_ids) + n for (tokens, n) in rows)
+        if share and len(rows) > 1 and untruncated:
+            shared[i] = (context_ids, continuation_ids)
+        else:
+            rows_of[i] = rows
     scores: list[list[Score] | None] = [None] * len(prompts)
     done = 0
     with evaluation_mode(model):
@@ -104,6 +120,12 @@ def score_prompts(model, tokenizer, prompts: Sequence[Prompt], batch_size: int =
             flat = iter(_score_rows(model, rows))
             for i in batch:
                 scores[i] = [next(flat) for _ in rows_of[i]]
+            done += len(batch)
+            if progress is not None:
+                progress(done, len(prompts))
+        for batch in _contexts(shared, batch_size):
+            for i, choices in zip(batch, _score_shared_contexts(model, [shared[i] for i in batch], batch_size)):
+                scores[i] = choices
             done += len(batch)
             if progress is not None:
                 progress(done, len(prompts))
@@ -123,10 +145,10 @@ def _fit_row(tokens: list[int], n_continuation: int, max_length: int | None) -> 
     return tokens, n_continuation
 
 
-def _pack(rows_of: list[list[tuple[list[int], int]]], batch_size: int) -> Iterator[list[int]]:
+def _pack(rows_of: dict[int, list[tuple[list[int], int]]], batch_size: int) -> Iterator[list[int]]:
     """Prompt indices per batch: longest prompts first (so padding stays small and an out-of-memory shows in
     the first batch), each prompt whole, up to batch_size rows unless one prompt alone has more."""
-    order = sorted(range(len(rows_of)), key=lambda i: -max(len(tokens) for tokens, _ in rows_of[i]))
+    order = sorted(rows_of, key=lambda i: -max(len(tokens) for tokens, _ in rows_of[i]))
     batch, n_rows = [], 0
     for i in order:
         if batch and n_rows + len(rows_of[i]) > batch_size:
@@ -161,11 +183,120 @@ def _score_rows(model, rows: list[tuple[list[int], int]]) -> list[Score]:
         targets[r, :n] = torch.tensor(tokens[-n:])
         valid[r, :n] = True
     positions, targets, valid = positions.to(device), targets.to(device), valid.to(device)
-    picked = at_least_float32(logits[torch.arange(len(rows), device=device)[:, None], positions])
+    picked = logits[torch.arange(len(rows), device=device)[:, None], positions]
+    return _scores(picked, targets, valid)
+
+
+def _scores(picked: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> list[Score]:
+    """Scores of rows from the logits that predict each of their tokens ([rows, n_max, vocab]), the tokens
+    ([rows, n_max]) and which of the n_max slots are real ([rows, n_max]; a row's real slots come first)."""
+    picked = at_least_float32(picked)
     token_logprobs = F.log_softmax(picked, dim=-1).gather(-1, targets[..., None])[..., 0]
     loglikelihood = torch.where(valid, token_logprobs, 0.0).sum(-1)  # where, not *: a masked-out -inf stays out
     greedy = ((picked.argmax(-1) == targets) | ~valid).all(-1)
-    return [Score(float(ll), bool(g), n) for ll, g, (_, n) in zip(loglikelihood.tolist(), greedy.tolist(), rows)]
+    n_tokens = valid.sum(-1)
+    return [Score(float(ll), bool(g), int(n))
+            for ll, g, n in zip(loglikelihood.tolist(), greedy.tolist(), n_tokens.tolist())]
+
+
+def _contexts(shared: dict[int, tuple[list[int], list[list[int]]]], batch_size: int) -> Iterator[list[int]]:
+    """Prompt indices per context forward: longest contexts first (little padding), up to batch_size."""
+    order = sorted(shared, key=lambda i: -len(shared[i][0]))
+    for first in range(0, len(order), batch_size):
+        yield order[first: first + batch_size]
+
+
+# A continuation batch may hold this many times its real tokens in right padding before it is split in two.
+# Each batch copies the context cache and costs a forward's fixed overhead, but padding costs compute in full:
+# on CPU, HellaSwag's endings (1 to 50+ tokens) padded to a common width would cost more than the shared
+# context saves.
+PADDING_ALLOWANCE = 1.25
+
+
+def _score_shared_contexts(model, prompts: list[tuple[list[int], list[list[int]]]],
+                           batch_size: int) -> list[list[Score]]:
+    """`_score_shared` over contexts of different lengths, left-padded into one forward: on CPU the weights are
+    read once per forward, so a forward per context length was ~1.6x slower in all than one per batch. A model
+    whose padding turns scores into NaN (Gemma-2 with its eager, soft-capped attention does: a pad query has
+    every key masked, and its NaN reaches real tokens through their zero attention weights) is rescored one
+    context length at a time, which needs no padding."""
+    scores = _score_shared(model, prompts, batch_size)
+    if len({len(context) for context, _ in prompts}) == 1 or not any(
+            math.isnan(s.loglikelihood) for choices in scores for s in choices):
+        return scores
+    by_length: dict[int, list[int]] = {}
+    for p, (context, _) in enumerate(prompts):
+        by_length.setdefault(len(context), []).append(p)
+    for group in by_length.values():
+        for p, choices in zip(group, _score_shared(model, [prompts[p] for p in group], batch_size)):
+            scores[p] = choices
+    return scores
+
+
+def _score_shared(model, prompts: list[tuple[list[int], list[list[int]]]], batch_size: int) -> list[list[Score]]:
+    """Scores of prompts from their contexts, left-padded (attention mask and position ids count real tokens
+    only): one forward over the contexts builds the KV cache and predicts every continuation's first token from
+    the context's last position; the continuations' other tokens come from forwards over the continuations after a copy of the cache, each continuation row reading
+    its own prompt's cache row. Continuations are right-padded (under the causal mask a pad only follows real
+    tokens), batched longest first while the padding stays within PADDING_ALLOWANCE."""
+    device = model_device(model)
+    lengths = torch.tensor([len(context) for context, _ in prompts], device=device)
+    width = int(lengths.max())
+    inputs = torch.zeros(len(prompts), width, dtype=torch.long)
+    for p, (context, _) in enumerate(prompts):
+        inputs[p, width - len(context):] = torch.tensor(context)
+    # Left padding: every context ends at the last column, which predicts its continuations' first tokens.
+    mask = (torch.arange(width, device=device)[None] >= (width - lengths)[:, None]).long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    options = {"use_cache": True, **({"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {})}
+    out = model(input_ids=inputs.to(device), attention_mask=mask, position_ids=positions, **options)
+    if out.past_key_values is None:
+        raise UserError(f"{type(model).__name__} returned no KV cache to share a context from; "
+                        "score with shared_context=False")
+    first_logits = out.logits[:, -1]  # [prompts, vocab]: predicts each continuation's first token
+    rows = [(p, ids) for p, (_, continuations) in enumerate(prompts) for ids in continuations]
+    scores: list[Score | None] = [None] * len(rows)
+    for chunk in _continuation_batches(rows, batch_size):
+        owners = torch.tensor([rows[r][0] for r in chunk], device=device)
+        n_max = max(len(rows[r][1]) for r in chunk)
+        targets = torch.zeros(len(chunk), n_max, dtype=torch.long)
+        valid = torch.zeros(len(chunk), n_max, dtype=torch.bool)
+        for k, r in enumerate(chunk):
+            ids = rows[r][1]
+            targets[k, : len(ids)] = torch.tensor(ids)
+            valid[k, : len(ids)] = True
+        picked = first_logits[owners][:, None]
+        if n_max > 1:  # input j of a continuation (its token j) predicts its token j + 1
+            cache = copy.deepcopy(out.past_key_values)
+            cache.batch_select_indices(owners)
+            steps = torch.arange(n_max - 1, device=device)
+            later = model(input_ids=targets[:, :-1].to(device), past_key_values=cache, use_cache=True,
+                          attention_mask=torch.cat([mask[owners], torch.ones(len(chunk), n_max - 1, dtype=torch.long,
+                                                                                 device=device)], 1),
+                          position_ids=lengths[owners][:, None] + steps).logits
+            picked = torch.cat([picked, later], dim=1)
+        for r, score in zip(chunk, _scores(picked, targets.to(device), valid.to(device))):
+            scores[r] = score
+    flat = iter(scores)
+    return [[next(flat) for _ in continuations] for _, continuations in prompts]
+
+
+def _continuation_batches(rows: list[tuple[int, list[int]]], batch_size: int) -> Iterator[list[int]]:
+    """Row indices per continuation forward: longest first, up to batch_size rows, a new batch once right
+    padding to the batch's longest row would exceed PADDING_ALLOWANCE times the batch's real input tokens."""
+    order = sorted(range(len(rows)), key=lambda r: -len(rows[r][1]))
+    chunk, real = [], 0
+    for r in order:
+        inputs = len(rows[r][1]) - 1  # the last token is only a target
+        if chunk:
+            width = len(rows[chunk[0]][1]) - 1
+            if len(chunk) >= batch_size or (len(chunk) + 1) * width > PADDING_ALLOWANCE * (real + inputs):
+                yield chunk
+                chunk, real = [], 0
+        chunk.append(r)
+        real += inputs
+    if chunk:
+        yield chunk
 
 
 def _forward_logits(model, inputs: torch.Tensor, keep: int) -> torch.Tensor:
