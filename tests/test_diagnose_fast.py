@@ -33,7 +33,7 @@ def plain_vocab_metrics(model, ids: torch.Tensor, n_span: int) -> dict[str, torc
     def loss(z):
         return F.cross_entropy(z[:, :-1].flatten(0, 1), targets)
 
-    final = t.logits.double()
+    final = t.logits.double()  # the forward's own (eager attention: HF's softmax there is float32 even in float64)
     log_final = final.log_softmax(-1)
     out = {"loss": loss(final).reshape(1)}
     lens = [head(h) for h in t.hidden[1:]]
@@ -108,7 +108,7 @@ def test_vocabulary_tensors_are_at_most_chunk_rows_whatever_the_batch(chunk, mon
     V, ids = model.config.vocab_size, torch.randint(0, 128, (3, 16))
     mode = _LargestVocabTensor(V)
 
-    def trace_uncounted(*args, **kwargs):  # the model's own forward makes its [B, T, V] logits: not ours
+    def trace_uncounted(*args, **kwargs):  # the model's forward (its [B, T, V] logits too, were they kept)
         mode.counting = False
         try:
             return trace(*args, **kwargs)

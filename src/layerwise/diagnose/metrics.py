@@ -127,12 +127,12 @@ def _geometry(result: DepthDiagnosis, t: DepthTrace, n_span: int, n_tok: int, n_
         result.add("attention_entropy", t.attention_entropy, n_tok)
 
 
-def _vocab_pass(view, logits: torch.Tensor, targets: torch.Tensor, lens: list[torch.Tensor],
-                removed: list[torch.Tensor], chunk: int) -> dict[str, torch.Tensor]:
+def _vocab_pass(view, t: DepthTrace, targets: torch.Tensor, lens: list[torch.Tensor], removed: list[torch.Tensor],
+                chunk: int) -> dict[str, torch.Tensor]:
     """Every quantity over the vocabulary, with no tensor over it larger than `chunk` x V.
 
-    `lens` and `removed` are states [B, T, d] the head would read (after the final norm); `logits` [B, T, V] are
-    the model's own; `targets` [B*T] the next token at each position, -1 where a sequence ends. Summed over
+    `lens` and `removed` are states [B, T, d] the head would read (after the final norm); the model's own logits
+    come from `t.final_logits`, a chunk at a time; `targets` [B*T] the next token at each position, -1 where a sequence ends. Summed over
     tokens: for each lens state, KL(p || p_final), top-1 and top-5 agreement and the loss; for each removed
     state, KL(p_final || p) and the loss; and the model's loss. Tokens go in chunks of c = min(chunk, B*T) and
     chunk // c states share one head matmul, so short batches still give the head a full-sized matrix. Each
@@ -140,7 +140,7 @@ def _vocab_pass(view, logits: torch.Tensor, targets: torch.Tensor, lens: list[to
     N = targets.numel()
     c = min(chunk, N)
     per_matmul = max(1, chunk // c)
-    final = logits.flatten(0, 1)
+    final = t.hidden[-1].flatten(0, 1)
     sums = {name: torch.zeros(n, dtype=torch.float64)
             for name, n in (("lens_kl", len(lens)), ("lens_top1", len(lens)), ("lens_top5", len(lens)),
                             ("lens_loss", len(lens)), ("removed_kl", len(removed)), ("removed_loss", len(removed)),
@@ -154,7 +154,7 @@ def _vocab_pass(view, logits: torch.Tensor, targets: torch.Tensor, lens: list[to
         def loss(log_p: torch.Tensor) -> torch.Tensor:  # [k, c, V] -> summed next-token loss of each of the k
             return -(log_p.gather(-1, at_target.expand(log_p.shape[0], -1, -1))[..., 0] * has_target).sum(-1)
 
-        z_final = final[a:b]
+        z_final = t.final_logits(final[a:b])
         log_final = z_final.log_softmax(-1)
         sums["loss"] += loss(log_final[None]).double()
         top1_final, top5_final = z_final.argmax(-1), z_final.topk(5, dim=-1).indices
@@ -215,14 +215,14 @@ def diagnose(model, batches: Iterable[torch.Tensor], n_span: int = 4, removal: b
     model.eval()
     result = DepthDiagnosis(view.family, L, n_span)
     for ids in batches:
-        t = trace(model, view, ids, entropy=attention_entropy)
+        t = trace(model, view, ids, entropy=attention_entropy, logits=False)
         B, T = ids.shape
         result.tokens += B * T
         # The next token of each position, -1 at each sequence's end: the loss counts B x (T - 1) positions.
         targets = torch.cat([ids[:, 1:], ids.new_full((B, 1), -1)], 1).flatten()
         n_targets = B * (T - 1)
         removed, effect = _removal_states(t, n_span) if removal else ([], None)
-        v = _vocab_pass(view, t.logits, targets, t.hidden[1:], removed, vocab_chunk)
+        v = _vocab_pass(view, t, targets, t.hidden[1:], removed, vocab_chunk)
         result.add("loss", v["loss"], n_targets)
         _geometry(result, t, n_span, B * T, B)
         for name in ("kl", "top1", "top5"):
