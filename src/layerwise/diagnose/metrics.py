@@ -132,7 +132,8 @@ def _vocab_pass(view, t: DepthTrace, targets: torch.Tensor, lens: list[torch.Ten
     """Every quantity over the vocabulary, with no tensor over it larger than `chunk` x V.
 
     `lens` and `removed` are states [B, T, d] the head would read (after the final norm); the model's own logits
-    come from `t.final_logits`, a chunk at a time; `targets` [B*T] the next token at each position, -1 where a sequence ends. Summed over
+    come from `t.final_logits`, a chunk at a time; `targets` [B*T] the next token at each position, -1 where a
+    sequence ends. Summed over
     tokens: for each lens state, KL(p || p_final), top-1 and top-5 agreement and the loss; for each removed
     state, KL(p_final || p) and the loss; and the model's loss. Tokens go in chunks of c = min(chunk, B*T) and
     chunk // c states share one head matmul, so short batches still give the head a full-sized matrix. Each
@@ -141,7 +142,7 @@ def _vocab_pass(view, t: DepthTrace, targets: torch.Tensor, lens: list[torch.Ten
     c = min(chunk, N)
     per_matmul = max(1, chunk // c)
     final = t.hidden[-1].flatten(0, 1)
-    sums = {name: torch.zeros(n, dtype=torch.float64)
+    sums = {name: torch.zeros(n, dtype=torch.float64, device=t.hidden[-1].device)
             for name, n in (("lens_kl", len(lens)), ("lens_top1", len(lens)), ("lens_top5", len(lens)),
                             ("lens_loss", len(lens)), ("removed_kl", len(removed)), ("removed_loss", len(removed)),
                             ("loss", 1))}
@@ -152,11 +153,13 @@ def _vocab_pass(view, t: DepthTrace, targets: torch.Tensor, lens: list[torch.Ten
         at_target = targets[a:b].clamp_min(0)[:, None]
 
         def loss(log_p: torch.Tensor) -> torch.Tensor:  # [k, c, V] -> summed next-token loss of each of the k
-            return -(log_p.gather(-1, at_target.expand(log_p.shape[0], -1, -1))[..., 0] * has_target).sum(-1)
+            # Summed over tokens in float64: float32 sums of ~40-nat early-lens losses drift by ~1e-6 per token.
+            picked = log_p.gather(-1, at_target.expand(log_p.shape[0], -1, -1))[..., 0]
+            return -(picked * has_target).double().sum(-1)
 
         z_final = t.final_logits(final[a:b])
         log_final = z_final.log_softmax(-1)
-        sums["loss"] += loss(log_final[None]).double()
+        sums["loss"] += loss(log_final[None])
         top1_final, top5_final = z_final.argmax(-1), z_final.topk(5, dim=-1).indices
         p_final = log_final.exp() if removed else None
         for states, kind in ((lens, "lens"), (removed, "removed")):
@@ -171,11 +174,11 @@ def _vocab_pass(view, t: DepthTrace, targets: torch.Tensor, lens: list[torch.Ten
                     sums["lens_top5"][at] += top5.any(-1).sum((1, 2)).double() / 5
                 log_p = z.log_softmax(-1)
                 del z  # at most three chunk x V tensors of a group alive at once, with the final chunk's two
-                sums[f"{kind}_loss"][at] += loss(log_p).double()
+                sums[f"{kind}_loss"][at] += loss(log_p)
                 if kind == "lens":
-                    sums["lens_kl"][at] += (log_p - log_final).mul_(log_p.exp()).sum((1, 2)).double()
+                    sums["lens_kl"][at] += (log_p - log_final).mul_(log_p.exp()).sum(-1).double().sum(-1)
                 else:
-                    sums["removed_kl"][at] += (log_final - log_p).mul_(p_final).sum((1, 2)).double()
+                    sums["removed_kl"][at] += (log_final - log_p).mul_(p_final).sum(-1).double().sum(-1)
                 del log_p  # freed before the next group's head matmul, not after it
     return sums
 
