@@ -3,7 +3,11 @@
     python bench/diagnose.py --json docs/diagnose-cpu.json                   # SmolLM2-135M, CPU defaults
     python bench/diagnose.py --device cuda --json docs/diagnose-h100.json    # 262,144 tokens, seq 1024
     python bench/diagnose.py --model tiny-random --tokens 512 --seq-len 64   # seconds: the smoke test
+    python bench/diagnose.py --device cuda --tokens 65536 --json X.json      # the GPU suite's size
 
+before    the same two calls to `diagnose` as of commit a6ccfcb (bench/diagnose_before.py, frozen): the logit lens one
+          full [B, T, V] tensor per layer, a second cross_entropy per lens layer and removal; timed next to ours
+          at N and N/4 tokens, and every metric compared (`--no-before` leaves it out).
 ours      `diagnose(model, batches, n_span, removal=False)` (the one-pass metric set: distances, BI, norms,
           contributions, logit lens), then `removal=True`; the removal sweep (every layer and every n-span
           skipped, re-running only the layers after the gap from the cached input) is the difference.
@@ -51,6 +55,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import importlib.util
+
 import numpy as np
 import torch
 from layerwise.diagnose import depth_view, diagnose
@@ -61,6 +67,19 @@ from layerwise.reference import angular_distance, block_influence, mean_token_rm
 COMPARED = ("angular_distance", "block_influence", "hidden_rms", "loss", "removal_delta_loss",
             "span_removal_delta_loss")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# The four methods that run `diagnose`, today's or the frozen one, and whether with the removal sweep.
+DIAGNOSES = {"ours": (False, False), "ours+removal": (False, True), "before": (True, False),
+             "before+removal": (True, True)}
+
+
+def _diagnose_before():
+    """bench/diagnose_before.py, by path: this script is also loaded by path (the smoke test), not from bench/."""
+    if "diagnose_before" not in sys.modules:  # registered first: its dataclasses look their module up there
+        spec = importlib.util.spec_from_file_location("diagnose_before",
+                                                      Path(__file__).with_name("diagnose_before.py"))
+        sys.modules["diagnose_before"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["diagnose_before"])
+    return sys.modules["diagnose_before"].diagnose
 
 
 # ---------------------------------------------------------------------------------------------- the two sides
@@ -168,9 +187,11 @@ def measure(method: str, model, tokens: np.ndarray, n_tokens: int, spec: dict, d
         base = _max_rss_mb()
     t0 = time.perf_counter()
     with torch.no_grad():
-        if method in ("ours", "ours+removal"):
-            result = diagnose(model, batches, n_span=spec["n_span"], removal=method == "ours+removal")
-            values = {k: v.tolist() for k, v in result.metrics().items() if k in COMPARED}
+        if method in DIAGNOSES:
+            frozen, removal = DIAGNOSES[method]
+            result = (_diagnose_before() if frozen else diagnose)(model, batches, n_span=spec["n_span"],
+                                                                 removal=removal)
+            values = {k: v.tolist() for k, v in result.metrics().items()}  # all: before and after are compared
         elif method == "naive-hidden-states":
             values = naive_hidden_state_metrics(model, batches)
         elif method == "naive-removal":
@@ -250,6 +271,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--naive-removal-layers", type=int,
                         help="how many layers (and spans) naive (b) removes, evenly spaced, extrapolated to all "
                              "(default: 4 on CPU, all on CUDA)")
+    parser.add_argument("--before", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the frozen pre-issue-12 diagnose (bench/diagnose_before.py) at N and N/4 "
+                             "and compare every metric")
     parser.add_argument("--threads", type=int, help="torch CPU threads, in every process (default: torch's own)")
     parser.add_argument("--subprocess", action=argparse.BooleanOptionalAction, default=None,
                         help="each measurement in a fresh process (default on CPU, where peak RSS needs it)")
@@ -330,6 +354,12 @@ def run(args, argv) -> dict:
     if separate_memory_runs:
         plan += [("ours_memory", "ours", n_tokens), ("naive_a_memory", "naive-hidden-states", n_tokens)]
     plan += [("ours_small", "ours", small_tokens), ("naive_a_small", "naive-hidden-states", small_tokens)]
+    if args.before:  # timed runs of both versions at both counts, then the frozen one's own memory run
+        plan += [("before", "before", n_tokens), ("before_full", "before+removal", n_tokens),
+                 ("after_small", "ours", small_tokens), ("after_full_small", "ours+removal", small_tokens),
+                 ("before_small", "before", small_tokens), ("before_full_small", "before+removal", small_tokens)]
+        if separate_memory_runs:
+            plan += [("before_memory", "before", n_tokens), ("before_small_memory", "before", small_tokens)]
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         if use_subprocess:
@@ -344,7 +374,7 @@ def run(args, argv) -> dict:
             if cuda:  # one-time CUDA/cuBLAS start-up stays out of the timings
                 measure("ours+removal", model, tokens, seq_len, {**spec, "batch_size": 1}, device)
         for i, (key, method, n) in enumerate(plan):
-            memory_run = separate_memory_runs and key not in ("ours", "full", "naive_a", "naive_b")
+            memory_run = separate_memory_runs and (key.endswith("_memory") or key in ("ours_small", "naive_a_small"))
             print(f"[{i + 1}/{len(plan)}] {method} on {n:,} tokens{' (memory run)' if memory_run else ''} ...",
                   flush=True)
             if use_subprocess:
@@ -366,6 +396,8 @@ def run(args, argv) -> dict:
             rows[key] = row
     if not separate_memory_runs:
         rows["ours_memory"], rows["naive_a_memory"] = rows["ours"], rows["naive_a"]
+        if args.before:
+            rows["before_memory"], rows["before_small_memory"] = rows["before"], rows["before_small"]
 
     config = {**spec, "model": args.model, "layers": L, "d_model": d_model, "tokens": n_tokens,
               "small_tokens": small_tokens, "threads": torch.get_num_threads(), "subprocess": use_subprocess,
@@ -504,9 +536,45 @@ def summarise(rows, args, config: dict, argv) -> dict:
         notes.append(f"naive (b) ran layers {b['layers']} and spans {b['spans']} ({b['seconds_removal']:.1f} s + "
                      f"{b.get('seconds_span_removal', 0.0):.1f} s, plus {b['seconds_full']:.1f} s for the full "
                      f"model) and is extrapolated linearly to {L} layers and {n_spans} spans.")
-    table = "\n".join(lines + notes)
+    before_after = _before_after(rows, default_allocator) if "before" in rows else None
+    table = "\n".join(lines + notes + (before_after["lines"] if before_after else []))
     return {"header": header, "config": config, "rows": table_rows, "measurements": rows, "agreement": agreement,
-            "last_layer_final_norm_gap": final_norm_gap, "naive_removal_extrapolated": extrapolated, "table": table}
+            "last_layer_final_norm_gap": final_norm_gap, "naive_removal_extrapolated": extrapolated,
+            "before_after": before_after and before_after["rows"], "table": table}
+
+
+def _max_metric_diff(a: dict, b: dict) -> float:
+    """max |a - b| over every metric both report (NaN where both are NaN: skip effects of earlier layers)."""
+    if a.keys() != b.keys():
+        raise RuntimeError(f"before and after report different metrics: {sorted(a.keys() ^ b.keys())}")
+    return max(float(np.nanmax(np.abs(np.asarray(a[k], dtype=float) - np.asarray(b[k], dtype=float)), initial=0))
+               for k in a)
+
+
+def _before_after(rows: dict, default_allocator: str) -> dict:
+    """Today's diagnose next to the frozen pre-issue-12 one at N and N/4, with naive (a)'s peak beside them."""
+    out = []
+    for label, after, before, after_mem, before_mem, naive in (
+            ("one pass", "ours", "before", "ours_memory", "before_memory", "naive_a_memory"),
+            ("one pass", "after_small", "before_small", "ours_small", "before_small_memory", "naive_a_small"),
+            ("full diagnosis" + default_allocator, "full", "before_full", "full", "before_full", None),
+            ("full diagnosis" + default_allocator, "after_full_small", "before_full_small", "after_full_small",
+             "before_full_small", None)):
+        a, b = rows[after], rows[before]
+        out.append({"name": label, "tokens": a["tokens"], "seconds_before": b["seconds"], "seconds_after": a["seconds"],
+                    "speedup": b["seconds"] / a["seconds"], "peak_mb_before": rows[before_mem]["peak_mb"],
+                    "peak_mb_after": rows[after_mem]["peak_mb"],
+                    "peak_mb_naive_a": rows[naive]["peak_mb"] if naive else None,
+                    "max_abs_diff": _max_metric_diff(a["values"], b["values"])})
+    lines = ["", "Before (bench/diagnose_before.py, as of a6ccfcb) and after, every metric compared:", "",
+             "| diagnosis | tokens | before s | after s | before/after | before peak MB | after peak MB | "
+             "naive (a) peak MB | max abs diff |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in out:
+        naive = "-" if r["peak_mb_naive_a"] is None else f"{r['peak_mb_naive_a']:,.0f}"
+        lines.append(f"| {r['name']} | {r['tokens']:,} | {r['seconds_before']:.2f} | {r['seconds_after']:.2f} | "
+                     f"{r['speedup']:.2f} | {r['peak_mb_before']:,.0f} | {r['peak_mb_after']:,.0f} | {naive} | "
+                     f"{r['max_abs_diff']:.1e} |")
+    return {"rows": out, "lines": lines}
 
 
 def cli() -> None:

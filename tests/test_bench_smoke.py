@@ -82,7 +82,9 @@ def test_diagnose_benchmark_measures_ours_and_naive_and_they_agree_on_removal(tm
                  "--json", str(tmp_path / "d.json")])
     result = json.loads((tmp_path / "d.json").read_text())
     rows = result["measurements"]
-    assert {row["method"] for row in rows.values()} == {"ours", "ours+removal", "naive-hidden-states", "naive-removal"}
+    assert {row["method"] for row in rows.values()} == {"ours", "ours+removal", "naive-hidden-states", "naive-removal",
+                                                        "before", "before+removal"}
+    assert all(r["max_abs_diff"] < 1e-6 for r in result["before_after"])  # the frozen version agrees
     assert all(row["seconds"] > 0 for row in rows.values())
     ours, naive = rows["full"]["values"], rows["naive_b"]["values"]
     assert len(naive["layers"]) == 3 and result["naive_removal_extrapolated"]

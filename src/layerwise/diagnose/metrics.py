@@ -42,11 +42,16 @@ import torch.nn.functional as F
 
 from ..arch import depth_view
 from ..depth_metrics import contribution, token_norm, token_rms, token_var
+from ..errors import UserError
 from ..numerics import at_least_float32
 from .trace import DepthTrace, trace
 
 # Metrics compared with removal_delta_loss by `rank_correlation` (all grow with a layer's change of h).
 SIMILARITY_METRICS = ("angular_distance", "block_influence", "layer_contribution")
+# Rows (tokens x scored states) per vocabulary-sized tensor: 128 x 49,152 float32 is 25 MB. On one CPU thread the
+# head matmul, log_softmax and KL over SmolLM2's 512 x 49,152 were as fast in chunks of 64 or 128 rows and 4% and
+# 29% slower in chunks of 256 and 512 (the chunk stops fitting in cache).
+VOCAB_CHUNK = 128
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -122,79 +127,118 @@ def _geometry(result: DepthDiagnosis, t: DepthTrace, n_span: int, n_tok: int, n_
         result.add("attention_entropy", t.attention_entropy, n_tok)
 
 
-def _logit_lens(result: DepthDiagnosis, t: DepthTrace, view, targets: torch.Tensor, n_tok: int) -> None:
-    # One layer's [B, T, V] logits at a time, reduced at once: L x B x T x V would not fit for a real vocabulary.
-    log_final = t.logits.log_softmax(-1)
-    top1_final, top5_final = t.logits.argmax(-1), t.logits.topk(5, dim=-1).indices
-    kl, top1, top5, loss = [], [], [], []
-    for h in t.hidden[1:]:
-        z = at_least_float32(view.head(view.final_norm(h)))
-        log_p = z.log_softmax(-1)
-        kl.append((log_p.exp() * (log_p - log_final)).sum())
-        top1.append((z.argmax(-1) == top1_final).sum())
-        top5.append((z.topk(5, dim=-1).indices[..., :, None] == top5_final[..., None, :]).any(-1).sum() / 5)
-        loss.append(F.cross_entropy(z[:, :-1].flatten(0, 1), targets, reduction="sum"))
-    for name, values in (("kl", kl), ("top1", top1), ("top5", top5)):
-        result.add(f"logit_lens_{name}", torch.stack(values), n_tok)
-    result.add("logit_lens_loss", torch.stack(loss), targets.numel())
+def _vocab_pass(view, t: DepthTrace, targets: torch.Tensor, lens: list[torch.Tensor], removed: list[torch.Tensor],
+                chunk: int) -> dict[str, torch.Tensor]:
+    """Every quantity over the vocabulary, with no tensor over it larger than `chunk` x V.
+
+    `lens` and `removed` are states [B, T, d] the head would read (after the final norm); the model's own logits
+    come from `t.final_logits`, a chunk at a time; `targets` [B*T] the next token at each position, -1 where a
+    sequence ends. Summed over
+    tokens: for each lens state, KL(p || p_final), top-1 and top-5 agreement and the loss; for each removed
+    state, KL(p_final || p) and the loss; and the model's loss. Tokens go in chunks of c = min(chunk, B*T) and
+    chunk // c states share one head matmul, so short batches still give the head a full-sized matrix. Each
+    logits chunk gets one log_softmax, which serves its KL, loss and agreement."""
+    N = targets.numel()
+    c = min(chunk, N)
+    per_matmul = max(1, chunk // c)
+    final = t.hidden[-1].flatten(0, 1)
+    sums = {name: torch.zeros(n, dtype=torch.float64, device=t.hidden[-1].device)
+            for name, n in (("lens_kl", len(lens)), ("lens_top1", len(lens)), ("lens_top5", len(lens)),
+                            ("lens_loss", len(lens)), ("removed_kl", len(removed)), ("removed_loss", len(removed)),
+                            ("loss", 1))}
+    lens, removed = [h.flatten(0, 1) for h in lens], [h.flatten(0, 1) for h in removed]
+    for a in range(0, N, c):
+        b = min(a + c, N)
+        has_target = targets[a:b] >= 0
+        at_target = targets[a:b].clamp_min(0)[:, None]
+
+        def loss(log_p: torch.Tensor) -> torch.Tensor:  # [k, c, V] -> summed next-token loss of each of the k
+            # Summed over tokens in float64: float32 sums of ~40-nat early-lens losses drift by ~1e-6 per token.
+            picked = log_p.gather(-1, at_target.expand(log_p.shape[0], -1, -1))[..., 0]
+            return -(picked * has_target).double().sum(-1)
+
+        z_final = t.final_logits(final[a:b])
+        log_final = z_final.log_softmax(-1)
+        sums["loss"] += loss(log_final[None])
+        top1_final, top5_final = z_final.argmax(-1), z_final.topk(5, dim=-1).indices
+        p_final = log_final.exp() if removed else None
+        for states, kind in ((lens, "lens"), (removed, "removed")):
+            for g in range(0, len(states), per_matmul):
+                group = states[g:g + per_matmul]
+                rows = torch.cat([h[a:b] for h in group]) if len(group) > 1 else group[0][a:b]
+                z = at_least_float32(view.head(view.final_norm(rows))).view(len(group), b - a, -1)
+                at = slice(g, g + len(group))
+                if kind == "lens":
+                    sums["lens_top1"][at] += (z.argmax(-1) == top1_final).sum(-1).double()
+                    top5 = z.topk(5, dim=-1).indices[..., :, None] == top5_final[..., None, :]
+                    sums["lens_top5"][at] += top5.any(-1).sum((1, 2)).double() / 5
+                log_p = z.log_softmax(-1)
+                del z  # at most three chunk x V tensors of a group alive at once, with the final chunk's two
+                sums[f"{kind}_loss"][at] += loss(log_p)
+                if kind == "lens":
+                    sums["lens_kl"][at] += (log_p - log_final).mul_(log_p.exp()).sum(-1).double().sum(-1)
+                else:
+                    sums["removed_kl"][at] += (log_final - log_p).mul_(p_final).sum(-1).double().sum(-1)
+                del log_p  # freed before the next group's head matmul, not after it
+    return sums
 
 
-def _removal(result: DepthDiagnosis, t: DepthTrace, view, targets: torch.Tensor, n_span: int, n_tok: int) -> None:
+def _removal_states(t: DepthTrace, n_span: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The last state without each layer, then without each n-span (n_span > 1), and the skip-effect matrix."""
     L = len(t.hidden) - 1
-    log_final = t.logits.log_softmax(-1)
-    p_full = log_final.exp()
-    loss_full = F.cross_entropy(t.logits[:, :-1].flatten(0, 1), targets, reduction="sum")
-
-    def score(resumed: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        z = at_least_float32(view.head(view.final_norm(resumed[-1])))
-        loss = F.cross_entropy(z[:, :-1].flatten(0, 1), targets, reduction="sum")
-        return loss - loss_full, (p_full * (log_final - z.log_softmax(-1))).sum()
-
     contributions = [t.hidden[i + 1] - t.hidden[i] for i in range(L)]
-    delta, kl = [], []
+    finals = []
     effect = torch.full((L, L), float("nan"), dtype=torch.float64)
     for s in range(L):
         resumed = t.resume(s, 1)  # h'_{s+1} (= h_s), h'_{s+2}, ..., h'_L
-        d, k = score(resumed)
-        delta.append(d)
-        kl.append(k)
+        finals.append(resumed[-1])
         for later in range(s + 1, L):
             changed = resumed[later - s] - resumed[later - s - 1]
             effect[s, later] = _norm_ratio(contributions[later] - changed, contributions[later]).sum()
-    result.add("removal_delta_loss", torch.stack(delta), targets.numel())
-    result.add("removal_kl", torch.stack(kl), n_tok)
-    result.add("skip_effect", effect, n_tok)
     if n_span > 1:
-        spans = [score(t.resume(s, n_span)) for s in range(L - n_span + 1)]
-        result.add("span_removal_delta_loss", torch.stack([d for d, _ in spans]), targets.numel())
-        result.add("span_removal_kl", torch.stack([k for _, k in spans]), n_tok)
+        finals += [t.resume(s, n_span)[-1] for s in range(L - n_span + 1)]
+    return finals, effect
 
 
 @torch.no_grad()
 def diagnose(model, batches: Iterable[torch.Tensor], n_span: int = 4, removal: bool = True,
-             attention_entropy: bool = True) -> DepthDiagnosis:
+             attention_entropy: bool = True, vocab_chunk: int = VOCAB_CHUNK) -> DepthDiagnosis:
     """Stream `batches` of token ids [B, T] through `model` once and reduce every per-layer metric.
 
     `removal` adds the removal effects and the skip-effect matrix (about L/2 more layer evaluations per layer);
-    `attention_entropy` runs HF models with eager attention, whose weights the fused kernels do not return."""
+    `attention_entropy` runs HF models with eager attention, whose weights the fused kernels do not return.
+    `vocab_chunk` bounds the vocabulary-sized tensors of the logit lens and the removal scores to
+    vocab_chunk x V each (a few are alive at once), whatever the batch's tokens."""
     view = depth_view(model)
     L = len(view.layers)
     if not 1 <= n_span <= L:
         raise ValueError(f"n_span={n_span} must be in 1..{L} (the model has {L} layers)")
+    if vocab_chunk < 1:
+        raise UserError(f"vocab_chunk={vocab_chunk} must be at least 1 (rows per vocabulary-sized tensor)")
     model.eval()
     result = DepthDiagnosis(view.family, L, n_span)
     for ids in batches:
-        t = trace(model, view, ids, entropy=attention_entropy)
+        t = trace(model, view, ids, entropy=attention_entropy, logits=False)
         B, T = ids.shape
         result.tokens += B * T
-        targets = ids[:, 1:].flatten()
-        loss = F.cross_entropy(t.logits[:, :-1].flatten(0, 1), targets, reduction="sum")
-        result.add("loss", loss.reshape(1), targets.numel())
+        # The next token of each position, -1 at each sequence's end: the loss counts B x (T - 1) positions.
+        targets = torch.cat([ids[:, 1:], ids.new_full((B, 1), -1)], 1).flatten()
+        n_targets = B * (T - 1)
+        removed, effect = _removal_states(t, n_span) if removal else ([], None)
+        v = _vocab_pass(view, t, targets, t.hidden[1:], removed, vocab_chunk)
+        result.add("loss", v["loss"], n_targets)
         _geometry(result, t, n_span, B * T, B)
-        _logit_lens(result, t, view, targets, B * T)
+        for name in ("kl", "top1", "top5"):
+            result.add(f"logit_lens_{name}", v[f"lens_{name}"], B * T)
+        result.add("logit_lens_loss", v["lens_loss"], n_targets)
         if removal:
-            _removal(result, t, view, targets, n_span, B * T)
-        del t  # this batch's states and logits go before the next forward, not after it (peak memory)
+            result.add("removal_delta_loss", v["removed_loss"][:L] - v["loss"], n_targets)
+            result.add("removal_kl", v["removed_kl"][:L], B * T)
+            result.add("skip_effect", effect, B * T)
+            if n_span > 1:
+                result.add("span_removal_delta_loss", v["removed_loss"][L:] - v["loss"], n_targets)
+                result.add("span_removal_kl", v["removed_kl"][L:], B * T)
+        del t, removed  # this batch's states go before the next forward, not after it (peak memory)
     if result.tokens == 0:
         raise ValueError("no batches to diagnose")
     return result

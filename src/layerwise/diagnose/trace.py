@@ -46,7 +46,9 @@ class SublayerIO:
 @dataclass
 class DepthTrace:
     hidden: list[torch.Tensor]  # h_0..h_L, [B, T, d] each
-    logits: torch.Tensor  # [B, T, V], float32
+    logits: torch.Tensor | None  # [B, T, V], float32; None from trace(..., logits=False)
+    # Rows [n, d] of h_L -> the model's logits there [n, V] (float32 or wider): any part of `logits` on demand.
+    final_logits: Callable[[torch.Tensor], torch.Tensor]
     sublayers: list[SublayerIO] | None  # None where a layer has no mid-point (parallel attention + MLP)
     attention_entropy: torch.Tensor | None  # [L]: sum over batch and positions of the head-mean entropy (nats)
     resume: Callable[[int, int], list[torch.Tensor]]  # (first, count) -> h'_{first+count}, ..., h'_L
@@ -116,10 +118,18 @@ class _LayerCalls:
         return _hidden(self.view.layers[i](*args, **{**kwargs, "hidden_states": hidden}))
 
 
-def hf_trace(model, view: DepthView, ids: torch.Tensor, entropy: bool = True) -> DepthTrace:
+def hf_trace(model, view: DepthView, ids: torch.Tensor, entropy: bool = True, logits: bool = True) -> DepthTrace:
     L = len(view.layers)
+    keep = {} if logits else {"logits_to_keep": 1}  # the forward's [B, T, V] logits would be the largest tensor
     with eager_attention(model) if entropy else nullcontext(), _LayerCalls(view, entropy) as rec:
-        logits = at_least_float32(model(input_ids=ids, use_cache=False).logits)
+        out = model(input_ids=ids, use_cache=False, **keep).logits
+    logits = at_least_float32(out) if logits else None
+    cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2 and 3 squash the head's output
+
+    def final_logits(h: torch.Tensor) -> torch.Tensor:
+        z = view.head(view.final_norm(h))
+        return at_least_float32(z if cap is None else torch.tanh(z / cap) * cap)
+
     hidden = [rec.input(i) for i in range(L)] + [rec.outputs[L - 1]]
     sublayers = None
     if len(rec.mids) == L:
@@ -136,7 +146,8 @@ def hf_trace(model, view: DepthView, ids: torch.Tensor, entropy: bool = True) ->
         return out
 
     entropies = torch.stack([rec.entropies[i] for i in range(L)]) if entropy else None
-    return DepthTrace(hidden, logits, sublayers, entropies, _contiguous(resume_skipping), resume_skipping)
+    return DepthTrace(hidden, logits, final_logits, sublayers, entropies, _contiguous(resume_skipping),
+                      resume_skipping)
 
 
 def _causal_attention_entropy(attn, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -149,7 +160,7 @@ def _causal_attention_entropy(attn, q: torch.Tensor, k: torch.Tensor) -> torch.T
     return attention_entropy(scores.masked_fill(~causal, float("-inf")).softmax(-1))
 
 
-def layerwise_trace(model, ids: torch.Tensor, entropy: bool = True) -> DepthTrace:
+def layerwise_trace(model, ids: torch.Tensor, entropy: bool = True, logits: bool = True) -> DepthTrace:
     inner = model.model
     scheme, layers = inner.residual, inner.positions
     L = len(layers)
@@ -169,7 +180,11 @@ def layerwise_trace(model, ids: torch.Tensor, entropy: bool = True) -> DepthTrac
         for i, layer in enumerate(layers):
             states.append(scheme.step(states[-1], i, layer, ctx))
     hidden = [scheme.readout(state) for state in states]
-    logits = at_least_float32(model.lm_head(inner.norm(hidden[-1])))
+
+    def final_logits(h: torch.Tensor) -> torch.Tensor:
+        return at_least_float32(model.lm_head(inner.norm(h)))
+
+    logits = final_logits(hidden[-1]) if logits else None
     points = ("attn.hook_in", "attn.hook_out", "mlp.hook_in", "mlp.hook_out")
     sublayers = [SublayerIO(*(at(i, point) for point in points)) for i in range(L)]
     entropies = None
@@ -187,7 +202,8 @@ def layerwise_trace(model, ids: torch.Tensor, entropy: bool = True) -> DepthTrac
                 out.append(scheme.readout(state))
         return out
 
-    return DepthTrace(hidden, logits, sublayers, entropies, _contiguous(resume_skipping), resume_skipping)
+    return DepthTrace(hidden, logits, final_logits, sublayers, entropies, _contiguous(resume_skipping),
+                      resume_skipping)
 
 
 def _contiguous(resume_skipping):
@@ -195,7 +211,9 @@ def _contiguous(resume_skipping):
     return lambda first, count: resume_skipping(range(first, first + count))
 
 
-def trace(model, view: DepthView, ids: torch.Tensor, entropy: bool = True) -> DepthTrace:
+def trace(model, view: DepthView, ids: torch.Tensor, entropy: bool = True, logits: bool = True) -> DepthTrace:
+    """`logits=False` leaves `logits` None (the forward keeps the last position's only): `final_logits` gives
+    them a chunk of rows at a time."""
     if view.family == "layerwise":
-        return layerwise_trace(model, ids, entropy)
-    return hf_trace(model, view, ids, entropy)
+        return layerwise_trace(model, ids, entropy, logits)
+    return hf_trace(model, view, ids, entropy, logits)
