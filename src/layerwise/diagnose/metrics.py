@@ -48,10 +48,10 @@ from .trace import DepthTrace, trace
 
 # Metrics compared with removal_delta_loss by `rank_correlation` (all grow with a layer's change of h).
 SIMILARITY_METRICS = ("angular_distance", "block_influence", "layer_contribution")
-# Rows (tokens x scored states) per vocabulary-sized tensor: 128 x 49,152 float32 is 25 MB. On one CPU thread the
+# Rows (tokens x scored states) per vocabulary-sized tensor: 64 x 49,152 float32 is 12.6 MB. On one CPU thread the
 # head matmul, log_softmax and KL over SmolLM2's 512 x 49,152 were as fast in chunks of 64 or 128 rows and 4% and
 # 29% slower in chunks of 256 and 512 (the chunk stops fitting in cache).
-VOCAB_CHUNK = 128
+VOCAB_CHUNK = 64
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -202,11 +202,12 @@ def _removal_states(t: DepthTrace, n_span: int) -> tuple[list[torch.Tensor], tor
 
 @torch.no_grad()
 def diagnose(model, batches: Iterable[torch.Tensor], n_span: int = 4, removal: bool = True,
-             attention_entropy: bool = True, vocab_chunk: int = VOCAB_CHUNK) -> DepthDiagnosis:
+             attention_entropy: bool = True, vocab_chunk: int = VOCAB_CHUNK, logit_lens: bool = True) -> DepthDiagnosis:
     """Stream `batches` of token ids [B, T] through `model` once and reduce every per-layer metric.
 
     `removal` adds the removal effects and the skip-effect matrix (about L/2 more layer evaluations per layer);
-    `attention_entropy` runs HF models with eager attention, whose weights the fused kernels do not return.
+    `attention_entropy` runs HF models with eager attention, whose weights the fused kernels do not return;
+    `logit_lens=False` leaves out the logit lens (a head projection per layer) when only other metrics are read.
     `vocab_chunk` bounds the vocabulary-sized tensors of the logit lens and the removal scores to
     vocab_chunk x V each (a few are alive at once), whatever the batch's tokens."""
     view = depth_view(model)
@@ -224,13 +225,15 @@ def diagnose(model, batches: Iterable[torch.Tensor], n_span: int = 4, removal: b
         # The next token of each position, -1 at each sequence's end: the loss counts B x (T - 1) positions.
         targets = torch.cat([ids[:, 1:], ids.new_full((B, 1), -1)], 1).flatten()
         n_targets = B * (T - 1)
-        removed, effect = _removal_states(t, n_span) if removal else ([], None)
-        v = _vocab_pass(view, t, targets, t.hidden[1:], removed, vocab_chunk)
-        result.add("loss", v["loss"], n_targets)
         _geometry(result, t, n_span, B * T, B)
-        for name in ("kl", "top1", "top5"):
-            result.add(f"logit_lens_{name}", v[f"lens_{name}"], B * T)
-        result.add("logit_lens_loss", v["lens_loss"], n_targets)
+        t.sublayers = None  # read by the geometry alone: freed before the removal states are made (peak memory)
+        removed, effect = _removal_states(t, n_span) if removal else ([], None)
+        v = _vocab_pass(view, t, targets, t.hidden[1:] if logit_lens else [], removed, vocab_chunk)
+        result.add("loss", v["loss"], n_targets)
+        if logit_lens:
+            for name in ("kl", "top1", "top5"):
+                result.add(f"logit_lens_{name}", v[f"lens_{name}"], B * T)
+            result.add("logit_lens_loss", v["lens_loss"], n_targets)
         if removal:
             result.add("removal_delta_loss", v["removed_loss"][:L] - v["loss"], n_targets)
             result.add("removal_kl", v["removed_kl"][:L], B * T)

@@ -37,8 +37,7 @@ import torch
 
 from ..arch import model_map
 from ..errors import UserError
-from .metrics import DepthDiagnosis, _geometry, _removal
-from .trace import trace
+from .metrics import diagnose
 
 ORDERS = ("lim", "zd", "removal", "random", "zd-inverse")
 WIDTHS = (2, 3, 4, 8)
@@ -106,16 +105,8 @@ def _measured(model, view, batches, order: str) -> list[float]:
     batches = list(batches)
     if not batches:
         raise ValueError(f"no calibration batches to measure --order {order} on")
-    model.eval()
-    result = DepthDiagnosis(view.family, len(view.layers), n_span=1)
-    for ids in batches:
-        t = trace(model, view, ids, entropy=False)
-        B, T = ids.shape
-        if order == "lim":
-            _geometry(result, t, 1, B * T, B)
-        else:
-            _removal(result, t, view, ids[:, 1:].flatten(), 1, B * T)
-        del t  # one batch's states at a time (peak memory)
+    result = diagnose(model, batches, n_span=1, removal=order == "removal", attention_entropy=False,
+                      logit_lens=False)
     if order == "lim":
         return (result["block_influence"] - 1).tolist()  # 1 - mean cos, minus one: -mean cos
     return result["removal_delta_loss"].tolist()

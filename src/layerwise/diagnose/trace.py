@@ -33,14 +33,27 @@ from ..nn.hooks import capture
 from ..numerics import at_least_float32
 
 
-@dataclass
 class SublayerIO:
-    """What a layer's attention and MLP sublayers read (before any norm) and what they added."""
+    """What a layer's attention and MLP sublayers read (before any norm) and what they added.
 
-    attn_in: torch.Tensor
-    attn_out: torch.Tensor
-    mlp_in: torch.Tensor
-    mlp_out: torch.Tensor
+    Where the additions are differences of the stream (HF layers, read at the residual's mid-point: the MLP reads
+    h + a and the layer returns h + a + m), give `layer_out` instead of the two additions: they are computed
+    when read, so a trace does not hold two more [B, T, d] tensors per layer."""
+
+    def __init__(self, attn_in: torch.Tensor, attn_out: torch.Tensor | None, mlp_in: torch.Tensor,
+                 mlp_out: torch.Tensor | None, layer_out: torch.Tensor | None = None):
+        if (attn_out is None or mlp_out is None) and layer_out is None:
+            raise ValueError("SublayerIO needs the sublayers' additions or the layer's output to compute them")
+        self.attn_in, self.mlp_in = attn_in, mlp_in
+        self._attn_out, self._mlp_out, self._layer_out = attn_out, mlp_out, layer_out
+
+    @property
+    def attn_out(self) -> torch.Tensor:
+        return self._attn_out if self._attn_out is not None else self.mlp_in - self.attn_in
+
+    @property
+    def mlp_out(self) -> torch.Tensor:
+        return self._mlp_out if self._mlp_out is not None else self._layer_out - self.mlp_in
 
 
 @dataclass
@@ -133,7 +146,7 @@ def hf_trace(model, view: DepthView, ids: torch.Tensor, entropy: bool = True, lo
     hidden = [rec.input(i) for i in range(L)] + [rec.outputs[L - 1]]
     sublayers = None
     if len(rec.mids) == L:
-        sublayers = [SublayerIO(hidden[i], rec.mids[i] - hidden[i], rec.mids[i], hidden[i + 1] - rec.mids[i])
+        sublayers = [SublayerIO(hidden[i], None, rec.mids[i], None, layer_out=hidden[i + 1])
                      for i in range(L)]
 
     def resume_skipping(skipped: Collection[int]) -> list[torch.Tensor]:
