@@ -126,3 +126,18 @@ def test_vocabulary_tensors_are_at_most_chunk_rows_whatever_the_batch(chunk, mon
 def test_vocab_chunk_below_one_is_refused_with_the_field_named():
     with pytest.raises(UserError, match="vocab_chunk=0"):
         diagnose(hf_model("llama"), [torch.randint(0, 128, (1, 4))], vocab_chunk=0)
+
+
+def test_progress_moves_within_each_batch_and_adds_up_to_the_tokens():
+    model = tiny_model("pre-rmsnorm", dtype=torch.float64)
+    batches = [torch.randint(0, model.config.vocab_size, (2, 8)) for _ in range(2)]
+    steps = []
+    diagnose(model, batches, n_span=2, progress=steps.append)
+    L = model.config.n_layers
+    per_batch = 1 + L + (L - 1) + 1  # the forward, L single and L - 1 span re-runs, the vocabulary pass
+    assert len(steps) == 2 * per_batch
+    assert sum(steps) == pytest.approx(2 * 16)
+    assert sum(steps[:per_batch]) == pytest.approx(16)  # the first batch is whole before the second starts
+    steps.clear()
+    diagnose(model, batches, removal=False, progress=steps.append)
+    assert len(steps) == 2 * 2 and sum(steps) == pytest.approx(32)

@@ -37,7 +37,7 @@ def diagnose_command(
 
     Example: layerwise diagnose path/to/SmolLM2-135M-Instruct.Q4_1.gguf --tokens 16384 --out runs/diag
     """
-    from rich.progress import track
+    from rich.progress import Progress
 
     from ..loading import check_token_windows, load_model, load_tokens
     from ..outputs import check_output_folder
@@ -60,9 +60,12 @@ def diagnose_command(
         net.to(target)
         ids = load_tokens(data, tokenizer, tokens)
     batches = [batch.to(target) for batch in token_batches(ids, seq_len, batch_size, tokens)]
-    progress = track(batches, description=f"diagnosing {sum(b.numel() for b in batches):,} tokens",
-                     console=console, transient=True)
-    result = diagnose(net, progress, n_span=n_span, removal=removal, attention_entropy=entropy)
+    n_tokens = sum(b.numel() for b in batches)
+    # The bar counts tokens and moves within a batch (after its forward and each removal re-run), not per batch.
+    with Progress(*Progress.get_default_columns(), console=console, transient=True) as bar:
+        task = bar.add_task(f"diagnosing {n_tokens:,} tokens", total=n_tokens)
+        result = diagnose(net, batches, n_span=n_span, removal=removal, attention_entropy=entropy,
+                          progress=lambda tokens: bar.advance(task, tokens))
     out.mkdir(parents=True, exist_ok=True)
     (out / "diagnosis.json").write_text(json.dumps({"model": str(model), "apply": [str(s) for s in parsed],
                                                     "dtype": dtype, "device": str(target), **result.to_json()},

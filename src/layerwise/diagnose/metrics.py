@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -183,8 +183,9 @@ def _vocab_pass(view, t: DepthTrace, targets: torch.Tensor, lens: list[torch.Ten
     return sums
 
 
-def _removal_states(t: DepthTrace, n_span: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """The last state without each layer, then without each n-span (n_span > 1), and the skip-effect matrix."""
+def _removal_states(t: DepthTrace, n_span: int, done: Callable[[], None]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The last state without each layer, then without each n-span (n_span > 1), and the skip-effect matrix;
+    `done()` after each re-run."""
     L = len(t.hidden) - 1
     contributions = [t.hidden[i + 1] - t.hidden[i] for i in range(L)]
     finals = []
@@ -192,22 +193,28 @@ def _removal_states(t: DepthTrace, n_span: int) -> tuple[list[torch.Tensor], tor
     for s in range(L):
         resumed = t.resume(s, 1)  # h'_{s+1} (= h_s), h'_{s+2}, ..., h'_L
         finals.append(resumed[-1])
+        done()
         for later in range(s + 1, L):
             changed = resumed[later - s] - resumed[later - s - 1]
             effect[s, later] = _norm_ratio(contributions[later] - changed, contributions[later]).sum()
     if n_span > 1:
-        finals += [t.resume(s, n_span)[-1] for s in range(L - n_span + 1)]
+        for s in range(L - n_span + 1):
+            finals.append(t.resume(s, n_span)[-1])
+            done()
     return finals, effect
 
 
 @torch.no_grad()
 def diagnose(model, batches: Iterable[torch.Tensor], n_span: int = 4, removal: bool = True,
-             attention_entropy: bool = True, vocab_chunk: int = VOCAB_CHUNK, logit_lens: bool = True) -> DepthDiagnosis:
+             attention_entropy: bool = True, vocab_chunk: int = VOCAB_CHUNK, logit_lens: bool = True,
+             progress: Callable[[float], None] | None = None) -> DepthDiagnosis:
     """Stream `batches` of token ids [B, T] through `model` once and reduce every per-layer metric.
 
     `removal` adds the removal effects and the skip-effect matrix (about L/2 more layer evaluations per layer);
     `attention_entropy` runs HF models with eager attention, whose weights the fused kernels do not return;
     `logit_lens=False` leaves out the logit lens (a head projection per layer) when only other metrics are read.
+    `progress(tokens)` is called as each batch's work goes on (after its forward, each removal re-run and its
+    vocabulary pass), with the share of the batch's tokens that part stands for; a batch adds up to B x T.
     `vocab_chunk` bounds the vocabulary-sized tensors of the logit lens and the removal scores to
     vocab_chunk x V each (a few are alive at once), whatever the batch's tokens."""
     view = depth_view(model)
@@ -218,17 +225,26 @@ def diagnose(model, batches: Iterable[torch.Tensor], n_span: int = 4, removal: b
         raise UserError(f"vocab_chunk={vocab_chunk} must be at least 1 (rows per vocabulary-sized tensor)")
     model.eval()
     result = DepthDiagnosis(view.family, L, n_span)
+    n_reruns = (L + max(0, L - n_span + 1) * (n_span > 1)) if removal else 0
     for ids in batches:
-        t = trace(model, view, ids, entropy=attention_entropy, logits=False)
         B, T = ids.shape
+        share = B * T / (n_reruns + 2)  # the forward, each removal re-run and the vocabulary pass
+
+        def done(share=share):
+            if progress is not None:
+                progress(share)
+
+        t = trace(model, view, ids, entropy=attention_entropy, logits=False)
+        done()
         result.tokens += B * T
         # The next token of each position, -1 at each sequence's end: the loss counts B x (T - 1) positions.
         targets = torch.cat([ids[:, 1:], ids.new_full((B, 1), -1)], 1).flatten()
         n_targets = B * (T - 1)
         _geometry(result, t, n_span, B * T, B)
         t.sublayers = None  # read by the geometry alone: freed before the removal states are made (peak memory)
-        removed, effect = _removal_states(t, n_span) if removal else ([], None)
+        removed, effect = _removal_states(t, n_span, done) if removal else ([], None)
         v = _vocab_pass(view, t, targets, t.hidden[1:] if logit_lens else [], removed, vocab_chunk)
+        done()
         result.add("loss", v["loss"], n_targets)
         if logit_lens:
             for name in ("kl", "top1", "top5"):
