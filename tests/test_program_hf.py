@@ -261,4 +261,7 @@ def test_tied_positions_are_traced_like_materialised_copies(family):
     assert len(a.hidden) == len(b.hidden) == 7
     for x, y in zip(a.hidden, b.hidden):
         assert torch.equal(x, y)
-    assert repr(a.sublayers) == repr(b.sublayers)
+    assert len(a.sublayers) == len(b.sublayers) == 6
+    for x, y in zip(a.sublayers, b.sublayers):
+        for part in ("attn_in", "attn_out", "mlp_in", "mlp_out"):
+            assert torch.equal(getattr(x, part), getattr(y, part))
