@@ -171,3 +171,17 @@ class CacheDroppingLM(CachelessLM):
 def test_a_model_that_returns_no_cache_says_to_turn_sharing_off(bpe):
     with pytest.raises(UserError, match="shared_context=False"):
         score_prompts(CacheDroppingLM(hf_model("llama").double()), WrappedTokenizer(bpe, 128), PROMPTS)
+
+
+def test_a_model_mid_layernorm_removal_is_scored_per_row_since_it_cannot_continue_a_cache(bpe):
+    from layerwise.train.norm_removal import tracked_stds, with_fake_norms
+
+    model = with_fake_norms(tiny_model("pre-ln", dtype=torch.float64))
+    for scale in tracked_stds(model).values():
+        scale.bos_special = True  # the first position still has its own std, as early in a removal
+    assert not model.continues_from_cache
+    tokenizer = WrappedTokenizer(bpe, model.config.vocab_size)
+    prompt = Prompt("The quality of mercy is not", (" strained", " known"))
+    seen = forward_inputs(model, lambda: score_prompts(model, tokenizer, [prompt], batch_size=8))
+    assert [cached for _, cached in seen] == [False]  # one per-row forward, no cache
+    assert tiny_model("pre-ln").continues_from_cache

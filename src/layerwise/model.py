@@ -155,6 +155,12 @@ class LayerwiseForCausalLM(LayerwisePreTrainedModel, GenerationMixin):
         attach_init(self)
         self.post_init()
 
+    @property
+    def continues_from_cache(self) -> bool:
+        """Whether a forward may continue a KV cache (scorers that reuse a context's cache ask; generate with
+        use_cache=False works either way). Only a model mid-LayerNorm-removal says no."""
+        return all(getattr(layer, "continues_from_cache", True) for layer in self.model.layers)
+
     def get_input_embeddings(self):
         return self.model.embed_tokens
 

@@ -99,7 +99,8 @@ def score_prompts(model, tokenizer, prompts: Sequence[Prompt], batch_size: int =
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}; use 1 or more sequences per forward")
     max_length = model_max_length(model)
-    share = shared_context and _accepts(model, "past_key_values")
+    # A layerwise model mid-LayerNorm-removal cannot continue a cache (`continues_from_cache`); HF models can.
+    share = shared_context and _accepts(model, "past_key_values") and getattr(model, "continues_from_cache", True)
     rows_of = {}  # prompt index -> (token row, continuation length) for each continuation, scored unshared
     shared = {}  # prompt index -> (context ids, continuation ids), scored from one context forward
     for i, prompt in enumerate(prompts):

@@ -130,12 +130,17 @@ class FakeLNLayer(Layer):
         super().__init__(cfg, layer_idx)
         self.eot_token_id = cfg.fakeln_eot_token_id
 
+    @property
+    def continues_from_cache(self) -> bool:
+        """Whether a forward may continue a KV cache: not while the first position has its own std."""
+        return not bool(self.attn.norm_in.uses["qk"].bos_is_special)
+
     def _check_cached_decoding(self, ctx) -> None:
         # The norms take the first token of what they are given as the first position; a chunk that continues
         # a cache does not start at it. Only a model still mid-removal has that position special.
         if ctx.cache is None or ctx.cache.get_seq_length(self.layer_idx if ctx.position is None else ctx.position) == 0:
             return
-        if bool(self.attn.norm_in.uses["qk"].bos_is_special):
+        if not self.continues_from_cache:
             raise ValueError("a model mid-removal whose first position still has its own std decodes only "
                              "without a KV cache (generate(..., use_cache=False)); the exported model has none")
 
