@@ -40,3 +40,28 @@ def test_block_attnres_saves_only_its_sources_beyond_the_standard_stream(n_block
     sources = (2 * n_layers + 1) * stream
     assert sources <= extra < sources + stream
     assert saved_bytes(routed, ids, "fast") < saved_bytes(routed, ids, "reference")
+
+
+def test_mixer_input_differentiates_like_one_softmax_over_all_sources():
+    """The mixture is never saved, so backward rebuilds its part from the sources: the gradients of the logits,
+    the blocks and the partial equal those of the plain softmax-weighted sum."""
+    torch.manual_seed(0)
+    n, shape, d = 3, (2, 5), 8
+    logits = (torch.randn(n + 1, *shape, dtype=torch.float64) * 5).requires_grad_()
+    sources = [(torch.randn(*shape, d, dtype=torch.float64) * s).requires_grad_() for s in (1.0, 20.0, 0.3, 4.0)]
+    probe = torch.randn(*shape, d, dtype=torch.float64)
+
+    def grads(mix):
+        return torch.autograd.grad((mix() * probe).sum(), [logits, *sources])
+
+    def two_phase():
+        weights, top, total = kernel.depth_softmax(logits[:n])
+        mixed = kernel.depth_mix(weights[None], sources[:n])[0]
+        share = kernel.merge_share(top, total, logits[n])
+        return kernel.mixer_input(mixed, weights, sources[:n], share, sources[n])
+
+    def one_softmax():
+        return sum(a[..., None] * v for a, v in zip(logits.softmax(0), sources))
+
+    for fast, ref in zip(grads(two_phase), grads(one_softmax)):
+        torch.testing.assert_close(fast, ref, atol=1e-12, rtol=0)

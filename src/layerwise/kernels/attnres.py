@@ -16,10 +16,10 @@ default), "fast" or "reference", from `use(...)` or else the environment variabl
   paper's two phases: once per block, `depth_softmax` + `depth_mix` combine the completed blocks for all of the
   block's mixers; per sublayer, `merge_share` gives the running partial sum's weight by an online-softmax merge
   and `mixer_input` adds it. Full AttnRes is the one-sublayer-per-block case. `depth_mix` sums the sources one
-  by one (no stacked copy); phase 1 runs it outside autograd and `mixer_input` saves only per-token weights
-  and references to the sources, so training keeps no [mixers, B, T, d] mixture for backward. Eager decoding (T = 1, a few tokens) is
-  launch-bound, and the fast path's extra small ops made it slower there (CPU, d = 384, batch 8: 60 vs 48 ms
-  per token), hence the token threshold.
+  by one (no stacked copy) outside autograd, and `mixer_input` saves only per-token weights and references to
+  the sources, so training keeps no [mixers, B, T, d] mixture for backward. Eager decoding (T = 1, a few
+  tokens) is launch-bound, and the fast path's extra small ops made it slower there (CPU, d = 384, batch 8: 60
+  vs 48 ms per token), hence the token threshold.
 """
 
 from __future__ import annotations
@@ -108,29 +108,14 @@ def depth_softmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     return e / total, top, total
 
 
-class _DepthMix(torch.autograd.Function):
-    """out[s] = sum_k weights[s, k] * sources[k]; saves the sources by reference, never a stacked copy."""
-
-    @staticmethod
-    def forward(ctx, weights, *sources):
+def depth_mix(weights: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[mixers, ..., d] = sum_k weights[mixers, k, ...] * sources[k] in the weights' dtype (at least float32),
+    summed source by source (no stacked copy) and outside autograd: `mixer_input` differentiates each row."""
+    with torch.no_grad():
         out = weights[:, 0, ..., None] * at_least_float32(sources[0])
         for k in range(1, len(sources)):
-            out = out.addcmul_(weights[:, k, ..., None], sources[k])
-        ctx.save_for_backward(weights, *sources)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        weights, *sources = ctx.saved_tensors
-        grad_weights = torch.stack([(grad * v).sum(-1) for v in sources], dim=1) if ctx.needs_input_grad[0] else None
-        grad_sources = [(weights[:, k, ..., None] * grad).sum(0).to(v.dtype) if ctx.needs_input_grad[k + 1] else None
-                        for k, v in enumerate(sources)]
-        return (grad_weights, *grad_sources)
-
-
-def depth_mix(weights: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
-    """[mixers, ..., d] = sum_k weights[mixers, k, ...] * sources[k] in the weights' dtype (at least float32)."""
-    return _DepthMix.apply(weights, *sources)
+            out.addcmul_(weights[:, k, ..., None], sources[k])
+    return out
 
 
 def merge_share(top: torch.Tensor, total: torch.Tensor, partial_logit: torch.Tensor) -> torch.Tensor:

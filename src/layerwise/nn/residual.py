@@ -132,7 +132,8 @@ class BlockState(NamedTuple):
     """Block AttnRes depth state: the completed block sums and the running partial sum, plus what the fast path
     caches (see `layerwise.kernels.attnres`): each block's logits for every mixer [B, T, mixers], the
     effective queries, and phase 1 of the current block (first mixer, the mixture of the completed blocks for
-    each of its mixers, their depth weights, and their softmax max and sum). The reference path ignores and drops the caches."""
+    each of its mixers, their depth weights, and their softmax max and sum). The reference path ignores and drops
+    the caches."""
 
     blocks: list
     partial: torch.Tensor | None
@@ -247,8 +248,7 @@ class BlockAttnRes(DepthRoutedScheme):
         """Phase 1 for mixers first..end-1: their softmax over the completed blocks, normalised mixture and stats."""
         weights, top, total = kernel.depth_softmax(torch.stack([lg[..., first:end] for lg in block_logits]))
         weights = weights.movedim(-1, 0)  # [mixers, blocks, B, T]
-        with torch.no_grad():  # `kernel.mixer_input` differentiates each mixer's input without this buffer
-            mixed = kernel.depth_mix(weights, blocks)  # [mixers, B, T, d]
+        mixed = kernel.depth_mix(weights, blocks)  # [mixers, B, T, d], differentiated by `kernel.mixer_input`
         return first, len(blocks), mixed, weights, top.movedim(-1, 0), total.movedim(-1, 0)
 
     @staticmethod
