@@ -6,8 +6,8 @@
 One problem: N completed sources [B, T, d] and S mixers (pseudo-query w_l, key-norm gain gamma_l), each mixer's
 output sum_i softmax_i(w_l . RMSNorm_l(v_i)) v_i, forward and forward + backward. The reference is
 `layerwise.kernels.attnres.reference_*` in float32 (stacked, keys normalised per mixer); "ours" is the fast path
-(`source_logits` once per source for all mixers, `depth_softmax`, `depth_mix`), under torch.compile unless
-`--no-compile`. The packages, each only if importable and only on CUDA (they are Triton kernels):
+(`source_logits` once per source for all mixers, `depth_softmax`, `depth_mix`, `mixer_input`), under torch.compile
+unless `--no-compile`. The packages, each only if importable and only on CUDA (they are Triton kernels):
 
 - flash-attn-res (`flash_attn_res.phase_1_batched_attention_triton_op(blocks [N,B,T,d], queries [S,d], eps)`):
   the paper's phase 1, all S queries at once; its key norm has no gain, so it gets gamma_l * w_l.
@@ -41,7 +41,9 @@ def ours(sources, queries, gains, eps):
     q = kernel.effective_queries(list(queries), list(gains))
     logits = torch.stack([kernel.source_logits(v, q, eps) for v in sources])  # [N, B, T, S]
     weights, _, _ = kernel.depth_softmax(logits)
-    return kernel.depth_mix(weights.movedim(-1, 0), sources)
+    weights = weights.movedim(-1, 0)
+    mixed = kernel.depth_mix(weights, sources)  # outside autograd; each mixer's input carries the gradients
+    return torch.stack([kernel.mixer_input(mixed[s], weights[s], sources) for s in range(len(mixed))])
 
 
 def flash_attn_res(sources, queries, gains, eps):

@@ -125,7 +125,8 @@ def test_two_phase_online_softmax_merge_equals_one_softmax():
     weights, top, total = kernel.depth_softmax(logits)
     mixed = kernel.depth_mix(weights.movedim(-1, 0), sources)
     for m in range(mixers):
-        merged = kernel.merge_partial(mixed[m], top[..., m], total[..., m], partial_logits[m], partials[m])
+        share = kernel.merge_share(top[..., m], total[..., m], partial_logits[m])
+        merged = kernel.mixer_input(mixed[m], weights[..., m], sources, share, partials[m])
         alpha = torch.cat([logits[..., m], partial_logits[m][None]]).softmax(0)
         expected = sum(a[..., None] * v for a, v in zip(alpha, [*sources, partials[m]]))
         torch.testing.assert_close(merged, expected, atol=1e-12, rtol=0)

@@ -14,11 +14,12 @@ default), "fast" or "reference", from `use(...)` or else the environment variabl
   and its dot products with the effective queries gamma_l * w_l of every mixer (`source_logits`, one
   [tokens, d] x [d, mixers] product in float32), and no key is normalised again. Block AttnRes then runs the
   paper's two phases: once per block, `depth_softmax` + `depth_mix` combine the completed blocks for all of the
-  block's mixers; per sublayer, `merge_partial` adds the running partial sum by an online-softmax merge. Full
-  AttnRes is the one-sublayer-per-block case. `depth_mix` sums the sources one by one (no stacked copy) and
-  saves only references to them and the weights for backward. Eager decoding (T = 1, a few tokens) is
-  launch-bound, and the fast path's extra small ops made it slower there (CPU, d = 384, batch 8: 60 vs 48 ms
-  per token), hence the token threshold.
+  block's mixers; per sublayer, `merge_share` gives the running partial sum's weight by an online-softmax merge
+  and `mixer_input` adds it. Full AttnRes is the one-sublayer-per-block case. `depth_mix` sums the sources one
+  by one (no stacked copy) outside autograd, and `mixer_input` saves only per-token weights and references to
+  the sources, so training keeps no [mixers, B, T, d] mixture for backward. Eager decoding (T = 1, a few
+  tokens) is launch-bound, and the fast path's extra small ops made it slower there (CPU, d = 384, batch 8: 60
+  vs 48 ms per token), hence the token threshold.
 """
 
 from __future__ import annotations
@@ -107,37 +108,58 @@ def depth_softmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     return e / total, top, total
 
 
-class _DepthMix(torch.autograd.Function):
-    """out[s] = sum_k weights[s, k] * sources[k]; saves the sources by reference, never a stacked copy."""
-
-    @staticmethod
-    def forward(ctx, weights, *sources):
+def depth_mix(weights: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[mixers, ..., d] = sum_k weights[mixers, k, ...] * sources[k] in the weights' dtype (at least float32),
+    summed source by source (no stacked copy) and outside autograd: `mixer_input` differentiates each row."""
+    with torch.no_grad():
         out = weights[:, 0, ..., None] * at_least_float32(sources[0])
         for k in range(1, len(sources)):
-            out = out.addcmul_(weights[:, k, ..., None], sources[k])
-        ctx.save_for_backward(weights, *sources)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        weights, *sources = ctx.saved_tensors
-        grad_weights = torch.stack([(grad * v).sum(-1) for v in sources], dim=1) if ctx.needs_input_grad[0] else None
-        grad_sources = [(weights[:, k, ..., None] * grad).sum(0).to(v.dtype) if ctx.needs_input_grad[k + 1] else None
-                        for k, v in enumerate(sources)]
-        return (grad_weights, *grad_sources)
+            out.addcmul_(weights[:, k, ..., None], sources[k])
+    return out
 
 
-def depth_mix(weights: torch.Tensor, sources: Sequence[torch.Tensor]) -> torch.Tensor:
-    """[mixers, ..., d] = sum_k weights[mixers, k, ...] * sources[k] in the weights' dtype (at least float32)."""
-    return _DepthMix.apply(weights, *sources)
-
-
-def merge_partial(mixed: torch.Tensor, top: torch.Tensor, total: torch.Tensor, partial_logit: torch.Tensor,
-                  partial: torch.Tensor) -> torch.Tensor:
-    """Online-softmax merge: the softmax over [sources..., partial] from the sources' normalised mixture `mixed`,
-    their max logit `top` and sum of exp(l - top) `total`, and the partial source with its logit."""
+def merge_share(top: torch.Tensor, total: torch.Tensor, partial_logit: torch.Tensor) -> torch.Tensor:
+    """The partial source's softmax weight c among [sources..., partial], from the sources' max logit `top` and
+    sum of exp(l - top) `total` (online softmax): c = b / (a + b), never a difference of exponentials."""
     new_top = torch.maximum(top, partial_logit)
     a = total * torch.exp(top - new_top)
     b = torch.exp(partial_logit - new_top)
-    # (a * mixed + b * partial) / (a + b) as one pass over the d-wide tensors.
-    return torch.lerp(mixed, at_least_float32(partial), (b / (a + b))[..., None])
+    return b / (a + b)
+
+
+class _MixerInput(torch.autograd.Function):
+    """x = (1 - c) * mixed + c * partial, with mixed = sum_k weights[k] * blocks[k] given by phase 1.
+
+    Saved for backward: the depth weights [n, ...] and the share c [...] (per-token float32 scalars) and
+    references to the blocks and the partial, which `source_logits` keeps anyway; never `mixed`, so a block's
+    phase-1 mixtures [mixers, ..., d] are freed once its forward is done. Backward does not rebuild `mixed`
+    either: it enters only as g . mixed = sum_k weights[k] (g . blocks[k]), from the same per-block dot
+    products that give the weights' gradient. Without a partial (c = 0) x is a copy of `mixed`, so that what
+    saves x keeps one [..., d] tensor, not the whole phase-1 buffer it is a view of.
+    """
+
+    @staticmethod
+    def forward(ctx, mixed, weights, share, partial, *blocks):
+        ctx.save_for_backward(weights, share, partial, *blocks)
+        if partial is None:
+            return mixed.clone()
+        return torch.lerp(mixed, at_least_float32(partial), share[..., None])
+
+    @staticmethod
+    def backward(ctx, grad):
+        weights, share, partial, *blocks = ctx.saved_tensors
+        need_weights, need_share, need_partial = ctx.needs_input_grad[1:4]
+        keep = 1 if share is None else 1 - share  # the completed blocks' total weight
+        dots = torch.stack([(grad * b).sum(-1) for b in blocks]) if need_weights or need_share else None
+        grad_blocks = [(keep * weights[k])[..., None].mul(grad).to(b.dtype) if ctx.needs_input_grad[4 + k] else None
+                       for k, b in enumerate(blocks)]
+        grad_share = (grad * partial).sum(-1) - (weights * dots).sum(0) if need_share else None
+        grad_partial = (share[..., None] * grad).to(partial.dtype) if need_partial else None
+        return None, keep * dots if need_weights else None, grad_share, grad_partial, *grad_blocks
+
+
+def mixer_input(mixed: torch.Tensor, weights: torch.Tensor, blocks: Sequence[torch.Tensor],
+                share: torch.Tensor | None = None, partial: torch.Tensor | None = None) -> torch.Tensor:
+    """One mixer's output from phase 1's mixture `mixed` of `blocks` under `weights` [n, ...] (computed without
+    autograd, see `_MixerInput`) and, if given, the partial source with its share c from `merge_share`."""
+    return _MixerInput.apply(mixed, weights, share, partial, *blocks)

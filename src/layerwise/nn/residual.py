@@ -132,7 +132,8 @@ class BlockState(NamedTuple):
     """Block AttnRes depth state: the completed block sums and the running partial sum, plus what the fast path
     caches (see `layerwise.kernels.attnres`): each block's logits for every mixer [B, T, mixers], the
     effective queries, and phase 1 of the current block (first mixer, the mixture of the completed blocks for
-    each of its mixers, and their softmax max and sum). The reference path ignores and drops the caches."""
+    each of its mixers, their depth weights, and their softmax max and sum). The reference path ignores and drops
+    the caches."""
 
     blocks: list
     partial: torch.Tensor | None
@@ -246,8 +247,9 @@ class BlockAttnRes(DepthRoutedScheme):
     def _phase1(self, first, end, blocks, block_logits):
         """Phase 1 for mixers first..end-1: their softmax over the completed blocks, normalised mixture and stats."""
         weights, top, total = kernel.depth_softmax(torch.stack([lg[..., first:end] for lg in block_logits]))
-        mixed = kernel.depth_mix(weights.movedim(-1, 0), blocks)  # [mixers, B, T, d]
-        return first, len(blocks), mixed, top.movedim(-1, 0), total.movedim(-1, 0)
+        weights = weights.movedim(-1, 0)  # [mixers, blocks, B, T]
+        mixed = kernel.depth_mix(weights, blocks)  # [mixers, B, T, d], differentiated by `kernel.mixer_input`
+        return first, len(blocks), mixed, weights, top.movedim(-1, 0), total.movedim(-1, 0)
 
     @staticmethod
     def _covers(phase1, j, n_blocks) -> bool:
@@ -256,10 +258,11 @@ class BlockAttnRes(DepthRoutedScheme):
 
     def _merge(self, j, phase1, blocks, partial, queries):
         """Phase 2: mixer j's input, phase 1's mixture merged with the partial sum by online softmax."""
-        first, _, mixed, top, total = phase1
+        first, _, mixed, weights, top, total = phase1
         k = j - first
         partial_logit = kernel.source_logits(partial, queries[:, j:j + 1], self.final_mixer.key_norm.eps)[..., 0]
-        x = kernel.merge_partial(mixed[k], top[k], total[k], partial_logit, partial)
+        x = kernel.mixer_input(mixed[k], weights[k], blocks, kernel.merge_share(top[k], total[k], partial_logit),
+                               partial)
         return x.to(_promoted_dtype([*blocks, partial]))
 
     def _fast_input(self, j, blocks, partial, block_logits, queries, phase1):
@@ -275,8 +278,9 @@ class BlockAttnRes(DepthRoutedScheme):
             # The last block's phase 1 serves the final mixer too (the column after the last sublayer's).
             phase1 = self._phase1(j, block_end + (block_end == n_sub), blocks, block_logits)
         if j % self.block_size == 0:
-            first, _, mixed, _, _ = phase1
-            return mixed[j - first].to(_promoted_dtype(blocks)), blocks, block_logits, queries, phase1
+            first, _, mixed, weights, _, _ = phase1
+            x = kernel.mixer_input(mixed[j - first], weights[j - first], blocks)
+            return x.to(_promoted_dtype(blocks)), blocks, block_logits, queries, phase1
         return self._merge(j, phase1, blocks, partial, queries), blocks, block_logits, queries, phase1
 
 
