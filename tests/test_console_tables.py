@@ -36,12 +36,12 @@ def row_with(lines: list[str], first: str) -> list[str]:
 @pytest.mark.parametrize("seeds", [1, 3])
 def test_the_compare_table_fits_80_columns_with_the_longest_preset_and_every_figure_whole(seeds):
     rows = [dict(preset=name, seeds=seeds, params=123_456_789, final_val_loss=10.1234, final_val_loss_std=0.0123,
-                 best_val_loss=10.0123, val_ppl=24_999.99, tokens=2_000_000_000, tokens_per_s=1_234_567.0)
+                 best_val_loss=10.0123, val_ppl=1.7e13, tokens=2_000_000_000, tokens_per_s=1_234_567.0)
             for name in ("delta-block-attnres", "block-attnres", "pre-ln")]
     lines = rendered(console_table(rows))
     spread = "±0.0123" if seeds > 1 else ""
     for name in ("delta-block-attnres", "block-attnres", "pre-ln"):
-        assert row_with(lines, name) == [name, "123.46M", f"10.1234{spread}", "10.0123", "24999.99", "1,234,567"]
+        assert row_with(lines, name) == [name, "123.46M", f"10.1234{spread}", "10.0123", "1.7e+13", "1,234,567"]
     assert row_with(lines, "preset") == ["preset", "params", "final", "best", "ppl", "tok/s"]
     assert "2,000,000,000" in lines[0]
     assert "| delta-block-attnres | 123.46M |" in markdown_table(rows)  # the file's table keeps every column

@@ -28,7 +28,7 @@ def plain_vocab_metrics(model, ids: torch.Tensor, n_span: int) -> dict[str, torc
     targets = ids[:, 1:].flatten()
 
     def head(h):
-        return view.head(view.final_norm(h)).double()
+        return view.unembed(h).double()
 
     def loss(z):
         return F.cross_entropy(z[:, :-1].flatten(0, 1), targets)

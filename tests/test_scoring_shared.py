@@ -11,7 +11,6 @@ import transformers
 from conftest import HF_FAMILIES, SLIDING_WINDOWS, hf_model, tiny_model
 
 from layerwise.data.tokenizer import EOT
-from layerwise.errors import UserError
 from layerwise.evaluate import Prompt, encode_prompt, score_prompts
 
 # Gemma's RMSNorms compute in float32 whatever the model's dtype, so a float64 Gemma agrees with itself across
@@ -168,9 +167,9 @@ class CacheDroppingLM(CachelessLM):
         return SimpleNamespace(logits=self.inner(input_ids=input_ids).logits, past_key_values=None)
 
 
-def test_a_model_that_returns_no_cache_says_to_turn_sharing_off(bpe):
-    with pytest.raises(UserError, match="shared_context=False"):
-        score_prompts(CacheDroppingLM(hf_model("llama").double()), WrappedTokenizer(bpe, 128), PROMPTS)
+def test_a_model_that_returns_no_cache_is_scored_per_row_after_all(bpe):
+    model, tokenizer = CacheDroppingLM(hf_model("llama").double()), WrappedTokenizer(bpe, 128)
+    assert score_prompts(model, tokenizer, PROMPTS) == score_prompts(model, tokenizer, PROMPTS, shared_context=False)
 
 
 def test_a_model_mid_layernorm_removal_is_scored_per_row_since_it_cannot_continue_a_cache(bpe):

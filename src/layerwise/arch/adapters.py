@@ -156,4 +156,5 @@ def depth_view(model: nn.Module) -> DepthView:
     spec = FAMILIES[family]
     return DepthView(family, model.get_submodule(spec.layers), model.get_submodule(spec.final_norm),
                      _first_submodule(model, spec.heads), model.get_submodule(spec.embed),
-                     mid_residual=spec.mid_residual_of, attention=lambda layer: layer.get_submodule(spec.attention))
+                     mid_residual=spec.mid_residual_of, attention=lambda layer: layer.get_submodule(spec.attention),
+                     logit_softcap=getattr(model.config, "final_logit_softcapping", None))

@@ -8,7 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import nn
+
+from ..numerics import at_least_float32
 
 # Where a norm sits. attn_in/mlp_in: on a sublayer's input; attn_out/mlp_out: on a sublayer's output (Peri-LN,
 # Gemma 2's post norms, OLMo 2) or after the residual add (Post-LN, DeepNorm); q_norm/k_norm: QK-norm;
@@ -91,3 +94,12 @@ class DepthView:
     mid_residual: Callable[[nn.Module], nn.Module | None] = lambda layer: None
     # The self-attention module of a layer (with eager attention its output is (output, weights)).
     attention: Callable[[nn.Module], nn.Module] = lambda layer: layer.self_attn
+    # Gemma 2 and 3 squash the head's output: logits = cap * tanh(z / cap).
+    logit_softcap: float | None = None
+
+    def unembed(self, h: torch.Tensor) -> torch.Tensor:
+        """The model's logits (at least float32) for hidden states h that the final norm reads: what the model
+        outputs for its last layer's output, and the logit lens for any other layer's."""
+        z = self.head(self.final_norm(h))
+        z = z if self.logit_softcap is None else torch.tanh(z / self.logit_softcap) * self.logit_softcap
+        return at_least_float32(z)

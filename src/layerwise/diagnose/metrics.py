@@ -15,7 +15,8 @@ Notation: h_l enters layer l, h_{l+1} leaves it (never final-normed); means are 
   attention_entropy[l]            -sum_k p_k log p_k of each query's attention, mean over heads and positions
   logit_lens_*[l]                 head(final_norm(h_{l+1})) vs the model's logits: KL(p_l || p_final),
                                   top-1 agreement, top-5 overlap, next-token loss. The final norm is applied
-                                  to the raw layer output (HF's last hidden state is already normed).
+                                  to the raw layer output (HF's last hidden state is already normed), and
+                                  Gemma's logit softcap after the head, as in the model's own logits.
   removal_delta_loss[l], removal_kl[l]
                                   loss change and KL(p_full || p_without_l) when layer l is skipped,
                                   re-running only layers l+1.. from the cached input of layer l.
@@ -43,7 +44,6 @@ import torch.nn.functional as F
 from ..arch import depth_view
 from ..depth_metrics import contribution, token_norm, token_rms, token_var
 from ..errors import UserError
-from ..numerics import at_least_float32
 from .trace import DepthTrace, trace
 
 # Metrics compared with removal_delta_loss by `rank_correlation` (all grow with a layer's change of h).
@@ -166,7 +166,7 @@ def _vocab_pass(view, t: DepthTrace, targets: torch.Tensor, lens: list[torch.Ten
             for g in range(0, len(states), per_matmul):
                 group = states[g:g + per_matmul]
                 rows = torch.cat([h[a:b] for h in group]) if len(group) > 1 else group[0][a:b]
-                z = at_least_float32(view.head(view.final_norm(rows))).view(len(group), b - a, -1)
+                z = view.unembed(rows).view(len(group), b - a, -1)
                 at = slice(g, g + len(group))
                 if kind == "lens":
                     sums["lens_top1"][at] += (z.argmax(-1) == top1_final).sum(-1).double()

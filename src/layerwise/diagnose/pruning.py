@@ -25,7 +25,6 @@ import torch.nn.functional as F
 
 from ..arch import depth_view
 from ..errors import UserError
-from ..numerics import at_least_float32
 from .metrics import _cos
 from .trace import trace
 
@@ -129,7 +128,7 @@ def _losses(model, view, batches, skip_sets: list[list[int]]) -> tuple[float, li
         full += F.cross_entropy(t.logits[:, :-1].flatten(0, 1), targets, reduction="sum").double().cpu()
         for k, layers in enumerate(skip_sets):
             h = t.resume_skipping(frozenset(layers))[-1]
-            z = at_least_float32(view.head(view.final_norm(h)))
+            z = view.unembed(h)
             skipped[k] += F.cross_entropy(z[:, :-1].flatten(0, 1), targets, reduction="sum").double().cpu()
         del t  # one batch's states at a time (peak memory)
     return (full / n_targets).item(), (skipped / n_targets).tolist()
@@ -140,7 +139,7 @@ def _span_angular_distance_last(model, view, batches, n: int) -> list[float]:
     `span_angular_distance_last` of `diagnose` with n_span = n)."""
     sums, n_seq = None, 0
     for ids in batches:
-        h = trace(model, view, ids, entropy=False).hidden
+        h = trace(model, view, ids, entropy=False, logits=False).hidden
         last = torch.stack([torch.arccos(_cos(h[i][:, -1], h[i + n][:, -1])).sum() / math.pi
                             for i in range(len(h) - n)]).cpu()
         sums = last if sums is None else sums + last

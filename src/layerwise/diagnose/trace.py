@@ -21,6 +21,7 @@ Two ways to build one:
 
 from __future__ import annotations
 
+import inspect
 import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from typing import Callable, Collection
 
 import torch
 
-from ..arch import DepthView
+from ..arch import DepthView, depth_view
 from ..nn.hooks import capture
 from ..numerics import at_least_float32
 
@@ -131,17 +132,21 @@ class _LayerCalls:
         return _hidden(self.view.layers[i](*args, **{**kwargs, "hidden_states": hidden}))
 
 
+def _accepts_logits_to_keep(model) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # a forward without an introspectable signature
+        return False
+
+
 def hf_trace(model, view: DepthView, ids: torch.Tensor, entropy: bool = True, logits: bool = True) -> DepthTrace:
     L = len(view.layers)
-    keep = {} if logits else {"logits_to_keep": 1}  # the forward's [B, T, V] logits would be the largest tensor
+    # The forward's [B, T, V] logits would be the largest tensor; final_logits gives any rows of them on demand.
+    keep = {} if logits or not _accepts_logits_to_keep(model) else {"logits_to_keep": 1}
     with eager_attention(model) if entropy else nullcontext(), _LayerCalls(view, entropy) as rec:
         out = model(input_ids=ids, use_cache=False, **keep).logits
     logits = at_least_float32(out) if logits else None
-    cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2 and 3 squash the head's output
-
-    def final_logits(h: torch.Tensor) -> torch.Tensor:
-        z = view.head(view.final_norm(h))
-        return at_least_float32(z if cap is None else torch.tanh(z / cap) * cap)
+    final_logits = view.unembed
 
     hidden = [rec.input(i) for i in range(L)] + [rec.outputs[L - 1]]
     sublayers = None
@@ -194,9 +199,7 @@ def layerwise_trace(model, ids: torch.Tensor, entropy: bool = True, logits: bool
             states.append(scheme.step(states[-1], i, layer, ctx))
     hidden = [scheme.readout(state) for state in states]
 
-    def final_logits(h: torch.Tensor) -> torch.Tensor:
-        return at_least_float32(model.lm_head(inner.norm(h)))
-
+    final_logits = depth_view(model).unembed
     logits = final_logits(hidden[-1]) if logits else None
     points = ("attn.hook_in", "attn.hook_out", "mlp.hook_in", "mlp.hook_out")
     sublayers = [SublayerIO(*(at(i, point) for point in points)) for i in range(L)]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import time
 from importlib import resources
 from pathlib import Path
@@ -38,13 +39,42 @@ def harness_tasks() -> tuple[str, ...]:
                         if entry.name.endswith(".yaml")))
 
 
-def require_lm_eval():
-    """lm_eval, or one line naming the extra. Imported on first use: it pulls in datasets and evaluate."""
-    # The task files read local data only; nothing may reach the hub, even for a dataset's metadata.
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The offline switches, as environment variables (read when huggingface_hub and datasets are first imported) and
+# as the module constants they become (read at every call, after an earlier import).
+_OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+_OFFLINE_CONSTANTS = (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE"),
+                      ("datasets.config", "HF_DATASETS_OFFLINE"))
+
+
+@contextlib.contextmanager
+def offline():
+    """Nothing reaches the hub inside the block, even for a dataset's metadata, whatever the environment says
+    or was imported with (the task files read local data only); the previous settings come back after."""
+    saved_env = {name: os.environ.get(name) for name in _OFFLINE_ENV}
+    saved = []
+    os.environ.update({name: "1" for name in _OFFLINE_ENV})
     try:
-        import lm_eval
+        for module_name, attribute in _OFFLINE_CONSTANTS:
+            module = sys.modules.get(module_name)
+            if module is not None and hasattr(module, attribute):
+                saved.append((module, attribute, getattr(module, attribute)))
+                setattr(module, attribute, True)
+        yield
+    finally:
+        for module, attribute, value in reversed(saved):
+            setattr(module, attribute, value)
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def require_lm_eval():
+    """lm_eval, or one line naming the extra. Imported on first use (offline): it pulls in datasets and evaluate."""
+    try:
+        with offline():
+            import lm_eval
     except ImportError:
         raise UserError(f"--harness needs lm-evaluation-harness; run `{INSTALL}`") from None
     return lm_eval
@@ -98,7 +128,7 @@ def evaluate_harness(model, tokenizer, names, limit: int | None = None, batch_si
     # simple_evaluate would collect `pip list` for its report (~1.5 s a task): evaluate() does neither.
     manager = TaskManager(include_defaults=False)
     results = {}
-    with evaluation_mode(model), _quiet():
+    with evaluation_mode(model), _quiet(), offline():
         for name, config in configs.items():
             start = time.perf_counter()
             loaded = manager.load([ConfigurableTask(config=config)])

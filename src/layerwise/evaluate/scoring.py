@@ -4,7 +4,8 @@ computed the way lm-evaluation-harness scores its `loglikelihood` requests so th
 A prompt with several continuations (HellaSwag's four endings) is scored from a shared context by default: one
 forward over the context with the KV cache, then the continuations from copies of that cache, so the context
 runs once instead of once per continuation. Everything else (one continuation, as LAMBADA's last word; a row
-left-truncated to the model's window; a model whose forward takes no `past_key_values`; `shared_context=False`)
+left-truncated to the model's window; a model whose forward takes no `past_key_values`, returns no cache or
+cannot continue one (`continues_from_cache`); `shared_context=False`)
 runs each context + continuation as its own row, several prompts packed into one batch up to `batch_size`
 sequences. Both give each continuation the loglikelihood of a plain forward over context + continuation."""
 
@@ -20,7 +21,6 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
 from ..numerics import at_least_float32  # log-softmax in bf16 would cost ~0.01 nats per token
 
 Progress = Callable[[int, int], None]  # (done, total) in the task's own unit: prompts or windows
@@ -125,12 +125,20 @@ def score_prompts(model, tokenizer, prompts: Sequence[Prompt], batch_size: int =
             if progress is not None:
                 progress(done, len(prompts))
         for batch in _contexts(shared, batch_size):
-            for i, choices in zip(batch, _score_shared_contexts(model, [shared[i] for i in batch], batch_size)):
+            try:
+                shared_scores = _score_shared_contexts(model, [shared[i] for i in batch], batch_size)
+            except _NoCache:  # a forward that takes a cache but returns none: every prompt as rows after all
+                return score_prompts(model, tokenizer, prompts, batch_size, progress, shared_context=False)
+            for i, choices in zip(batch, shared_scores):
                 scores[i] = choices
             done += len(batch)
             if progress is not None:
                 progress(done, len(prompts))
     return scores
+
+
+class _NoCache(Exception):
+    """The model returned no KV cache to continue a context from."""
 
 
 def _fit_row(tokens: list[int], n_continuation: int, max_length: int | None) -> tuple[list[int], int]:
@@ -252,8 +260,7 @@ def _score_shared(model, prompts: list[tuple[list[int], list[list[int]]]], batch
     options = {"use_cache": True, **({"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {})}
     out = model(input_ids=inputs.to(device), attention_mask=mask, position_ids=positions, **options)
     if out.past_key_values is None:
-        raise UserError(f"{type(model).__name__} returned no KV cache to share a context from; "
-                        "score with shared_context=False")
+        raise _NoCache
     first_logits = out.logits[:, -1]  # [prompts, vocab]: predicts each continuation's first token
     rows = [(p, ids) for p, (_, continuations) in enumerate(prompts) for ids in continuations]
     scores: list[Score | None] = [None] * len(rows)

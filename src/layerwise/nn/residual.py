@@ -23,6 +23,7 @@ from torch import nn
 
 from .hooks import HookPoint
 from ..kernels import attnres as kernel
+from ..numerics import at_least_float32
 from .norms import RMSNorm
 from .registry import Registry, Variant, fail, variant_of
 
@@ -52,7 +53,9 @@ class DepthAttention(nn.Module):
 
     def weights(self, sources: torch.Tensor) -> torch.Tensor:
         """Depth-attention weights [S, B, T] for stacked sources [S, B, T, d], softmax over S in float32."""
-        return kernel.reference_weights(self.key_norm(sources), self.query)
+        # Keys normalised in float32 at least, as the fast path's logits are: in bf16 the two would differ by the
+        # rounding of every key, and a model's output would depend on which path its batch size picked.
+        return kernel.reference_weights(self.key_norm(at_least_float32(sources)), self.query)
 
     def forward(self, sources: list[torch.Tensor]) -> torch.Tensor:
         """The reference path (`layerwise.kernels.attnres`); the schemes' fast path bypasses it and its hooks."""

@@ -21,9 +21,14 @@ def aggregate(runs: dict[str, list[dict]], params: dict[str, int]) -> list[dict]
         speeds = [s["tokens_per_s"] for s in summaries if s["tokens_per_s"]]
         rows.append({"preset": name, "seeds": len(summaries), "params": params[name],
                      "final_val_loss": final_mean, "final_val_loss_std": final_std, "best_val_loss": best_mean,
-                     "val_ppl": math.exp(final_mean), "tokens": summaries[0]["tokens"],
+                     "val_ppl": math.exp(min(final_mean, 700.0)), "tokens": summaries[0]["tokens"],  # no overflow
                      "tokens_per_s": statistics.fmean(speeds) if speeds else None})
     return sorted(rows, key=lambda r: r["final_val_loss"])
+
+
+def _perplexity(value: float) -> str:
+    """Two decimals, or four significant digits for a diverged run's (which can run to 1e13)."""
+    return f"{value:.2f}" if abs(value) < 1e4 else f"{value:.4g}"
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -54,7 +59,7 @@ def console_table(rows: list[dict]):
         spread = f"±{r['final_val_loss_std']:.4f}" if r["seeds"] > 1 else ""
         speed = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-"
         table.add_row(r["preset"], f"{r['params'] / 1e6:.2f}M", f"{r['final_val_loss']:.4f}{spread}",
-                      f"{r['best_val_loss']:.4f}", f"{r['val_ppl']:.2f}", speed)
+                      f"{r['best_val_loss']:.4f}", _perplexity(r["val_ppl"]), speed)
     legend = Text("final, best: validation loss (final: mean ± std over seeds); ppl = exp(final); tok/s: "
                   "training throughput")
     return Group(table, legend)  # the legend as wide as the terminal, not the table

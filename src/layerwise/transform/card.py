@@ -43,10 +43,13 @@ def model_card(model: nn.Module, facts: list[tuple[str, str]] = (), evaluation: 
         lines.append(("stored layer run at each position (tied weights)", _origin_summary(list(order))))
     quantization = getattr(config, QUANTIZATION_KEY, None)
     if quantization is not None:
-        lines.append(("quantized with", f"{quantization['backend']} {quantization['version']} (group size "
-                      f"{quantization['group_size']}); bits of each layer (16 = floating point): "
-                      f"{', '.join(map(str, quantization['layer_bits']))}; bits per weight on disk: "
-                      f"{quantization['avg_bits_layers']} in the layers' linears, {quantization['avg_bits_model']} "
+        # Every value comes from config.json, which a user may have edited: escaped like any outside text.
+        q = {key: value if isinstance(value, (int, float)) else escaped(value) for key, value in quantization.items()}
+        lines.append(("quantized with", f"{q['backend']} {q['version']} (group size "
+                      f"{q['group_size']}); bits of each layer (16 = floating point): "
+                      f"{', '.join(str(b if isinstance(b, int) else escaped(b)) for b in quantization['layer_bits'])}; "
+                      f"bits per weight on disk: "
+                      f"{q['avg_bits_layers']} in the layers' linears, {q['avg_bits_model']} "
                       f"over the model; kept in floating point: "
                       f"{', '.join(code(name) for name in quantization['kept_in_float'])}"))
     loading = _quantized_loading() if quantization is not None else [
