@@ -19,8 +19,10 @@ unless `--no-compile`. The packages, each only if importable and only on CUDA (t
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -101,6 +103,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--json", type=Path, help="write the rows and notes here")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads:
@@ -151,7 +154,10 @@ def main(argv=None) -> dict:
         lines.append(f"| {r['kernel']} | {r['max_abs_diff']:.2e} | {r['forward_ms']:.2f} | {train} |")
     lines += [""] + [f"- {note}" for note in notes]
     print("\n".join(lines))
-    return {"rows": rows, "notes": notes}
+    result = {"header": lines[:2], "rows": rows, "notes": notes}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return result
 
 
 if __name__ == "__main__":

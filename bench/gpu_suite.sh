@@ -31,9 +31,9 @@ part() {  # part NAME SECONDS COMMAND...: run one measurement, keep its log, not
   echo "${PIPESTATUS[0]}" > "$out/$name.rc"
 }
 
-part throughput 240 $PY bench/throughput.py --size 124m --batch 32 --seq 1024 --warmup 4 --steps 15 --compile \
+part throughput 240 $PY bench/throughput.py --size 124m --batch 32 --seq 1024 --warmup 4 --steps 15 --repeats 1 --compile \
   --presets pre-ln,pre-rmsnorm,lns,dyt,block-attnres,attnres --out "$out/throughput.json"
-part attnres_kernels 45 $PY bench/attnres_kernels.py --json "$out/attnres_kernels.json"
+part attnres_kernels 60 $PY bench/attnres_kernels.py --json "$out/attnres_kernels.json"
 part trainer 80 $PY bench/trainer.py --size 124m --preset pre-ln --batch 32 --seq 1024 --steps 30 \
   --out "$out/trainer.json"
 part diagnose 90 $PY bench/diagnose.py --device cuda --tokens 65536 --model smollm2-random --json "$out/diagnose.json"

@@ -250,6 +250,8 @@ def main(argv=None) -> dict:
                 if args.repeats == 1:
                     run.timed_round()
                     mode_rows.append(run.row())
+                    # One line per model as it finishes, so a run stopped by a time limit leaves what it measured.
+                    print(f"{label} ({mode}): {mode_rows[-1]['tokens_per_s']:,.0f} tokens/s", flush=True)
                     del run, model
                     free(device)
                 else:

@@ -184,3 +184,27 @@ def test_fast_and_reference_agree_to_the_dtypes_rounding_so_batch_size_does_not_
             fast = model(ids).logits.float()
     gap = (ref - fast).abs()
     assert gap.max() <= max_rel * ref.abs().max() and gap.mean() <= mean_abs
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_suite.sh runs it)")
+
+
+@needs_cuda
+@pytest.mark.parametrize("preset", ["block-attnres", "attnres"])
+def test_cuda_compiled_fast_path_under_bf16_autocast_matches_the_reference_logits_and_gradients(preset):
+    torch.manual_seed(0)
+    model = tiny_model(preset, random_queries=True).cuda()
+    ids = torch.randint(0, model.config.vocab_size, (8, 64), device="cuda")
+
+    def run(path, forward):
+        model.zero_grad(set_to_none=True)
+        with kernel.use(path), torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = forward(ids).logits.float()
+        logits.square().mean().backward()
+        return logits.detach(), [p.grad.float().clone() for p in model.parameters()]
+
+    ref_logits, ref_grads = run("reference", model)
+    fast_logits, fast_grads = run("fast", torch.compile(model))
+    assert (fast_logits - ref_logits).abs().max() <= 0.02 * ref_logits.abs().max()
+    for ref, fast in zip(ref_grads, fast_grads):
+        assert (fast - ref).norm() <= 0.05 * ref.norm() + 1e-6
