@@ -321,3 +321,24 @@ def test_save_then_auto_from_pretrained_keeps_the_learned_scalars_and_logits(nam
 def test_parallel_layers_are_still_the_bhyt_layer_class():
     for name in BHYT_PRESETS:
         assert all(isinstance(layer, BHyTParallelLayer) for layer in tiny_model(name).model.layers)
+
+
+@pytest.mark.parametrize("name", BHYT_PRESETS + SATFORMER_PRESETS)
+def test_fold_norms_keeps_the_logits(name):
+    """The norm gains fold into every linear that reads them, SATFormer's gate projections included."""
+    from layerwise.transform import apply
+
+    model = tiny_model(name, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for module_name, p in model.named_parameters():
+            if "norm" in module_name and module_name.endswith(".weight"):
+                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=generator, dtype=torch.float64))
+            elif module_name.endswith(".weight") and ".gates." in module_name:
+                p.normal_(0, 0.5, generator=generator)
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        before = model(ids).logits
+        folded = apply(model, ["fold-norms"])
+        after = folded(ids).logits
+    assert ((after - before).abs().max() / before.abs().max()).item() < 1e-10
