@@ -83,6 +83,8 @@ class ModelConfig(PreTrainedConfig):
     bhyt_lambda_mlp: float = 1.0
     bhyt_lambda_final: float = 0.0  # 0: the final norm is a plain RMSNorm, as in the paper's configs
     bhyt_exact: bool = False  # BHyT*: exact RMS at both norms instead of the parallel approximation
+    bhyt_var_approx: str = "baseline"  # parallel form's MLP-input variance: baseline | beta | eta | residual_aware
+    bhyt_var_approx_exact_layers: int = 0  # the first k layers (by origin) use the exact MLP-input variance
     seednorm_heads: int = 1
     seednorm_alpha: float = 1.0
     frozen_norm_sigma: float = 1.0
@@ -95,7 +97,7 @@ class ModelConfig(PreTrainedConfig):
 
     # Value residual
     value_residual: str = "none"  # none | resformer | satformer
-    value_residual_gate: str = "relu"  # satformer gate: relu | sigmoid | tanh | identity
+    value_residual_gate: str = "relu"  # satformer gate: relu | sigmoid | softmax | softmax_sigmoid | tanh | identity
     value_residual_last_k: int | None = None  # only the last k layers read layer 0's values
 
     # Legacy provenance (configs written before layer programs): the 0-based indices, in the original model, of

@@ -66,6 +66,12 @@ PRESETS: dict[str, Preset] = {
                dict(norm="bhyt")),
         Preset("bhyt-star", "BHyT* (Byun et al., arXiv 2601.09719): exact RMS at both norms",
                dict(norm="bhyt", bhyt_exact=True)),
+        Preset("bhyt-beta", "BHyT (Byun et al., arXiv 2601.09719), var_approx beta: a learnable weight on c lambda^2 "
+               "/ kappa^2", dict(norm="bhyt", bhyt_var_approx="beta")),
+        Preset("bhyt-eta", "BHyT (Byun et al., arXiv 2601.09719), var_approx eta: the MLP-input variance is v (1 + "
+               "eta), no c", dict(norm="bhyt", bhyt_var_approx="eta")),
+        Preset("bhyt-residual-aware", "BHyT (Byun et al., arXiv 2601.09719), var_approx residual_aware: v (1 + beta) "
+               "+ alpha c lambda^2 / kappa^2", dict(norm="bhyt", bhyt_var_approx="residual_aware")),
         Preset("seednorm", "SeeDNorm (Cai et al., ICLR 2026), single head, alpha0 1", dict(norm="seednorm")),
         Preset("attnres", "Full Attention Residuals (Kimi Team, arXiv 2603.15031)", dict(residual="full_attnres")),
         Preset("block-attnres", "Block Attention Residuals (Kimi Team, arXiv 2603.15031): whole layers per block, "
@@ -81,6 +87,10 @@ PRESETS: dict[str, Preset] = {
         Preset("satformer", "SATFormer (Gunasekaran et al., arXiv 2605.03953): gated access to layer-0 values; "
                "QK-norm off like resformer and the baseline (the paper's configs set it on all three)",
                dict(value_residual="satformer")),
+        Preset("satformer-softmax", "SATFormer (Gunasekaran et al., arXiv 2605.03953), softmax gate: the KV heads "
+               "share H_kv units of V_1 per token", dict(value_residual="satformer", value_residual_gate="softmax")),
+        Preset("satformer-softmax-sigmoid", "SATFormer (Gunasekaran et al., arXiv 2605.03953), softmax gate times a "
+               "sigmoid per head", dict(value_residual="satformer", value_residual_gate="softmax_sigmoid")),
     ]
 }
 

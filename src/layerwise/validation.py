@@ -9,7 +9,7 @@ from .nn.value_residual import SATFORMER_GATES
 def validate_config(cfg) -> None:
     # Registries are imported here, not at module import, so that config.py stays importable on its own.
     from .nn.mlp import MLPS
-    from .nn.norms import NORMS
+    from .nn.norms import BHYT_VARIANCE_APPROXIMATIONS, NORMS
     from .nn.placement import PLACEMENTS
     from .nn.positions import POSITION_EMBEDDINGS
     from .nn.residual import RESIDUALS
@@ -45,6 +45,10 @@ def validate_config(cfg) -> None:
         fail("mixln_ratio", cfg.mixln_ratio, "must lie in [0, 1]")
     if cfg.seednorm_heads < 1 or cfg.d_model % cfg.seednorm_heads:
         fail("seednorm_heads", cfg.seednorm_heads, f"must divide d_model={cfg.d_model}")
+    BHYT_VARIANCE_APPROXIMATIONS.get(cfg.bhyt_var_approx)
+    k = cfg.bhyt_var_approx_exact_layers
+    if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= cfg.n_layers:
+        fail("bhyt_var_approx_exact_layers", k, f"must be an integer in 0..{cfg.n_layers} (n_layers)")
     if cfg.value_residual_gate not in SATFORMER_GATES:
         fail("value_residual_gate", cfg.value_residual_gate, f"is not one of {', '.join(SATFORMER_GATES)}")
     if cfg.value_residual_last_k is not None and not 1 <= cfg.value_residual_last_k <= cfg.n_layers - 1:

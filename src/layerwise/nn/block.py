@@ -8,7 +8,7 @@ from torch import nn
 from .attention import CausalSelfAttention
 from .hooks import HookPoint
 from .mlp import build_mlp
-from .norms import BHyT, approximate_mean_square, attention_output_gain, build_norm, lns_scale, mean_square
+from .norms import BHYT_VARIANCE_APPROXIMATIONS, BHyT, attention_output_gain, build_norm, lns_scale, mean_square
 from .placement import SublayerLayout, layer_layouts
 from .registry import variant_of
 
@@ -82,6 +82,9 @@ class BHyTParallelLayer(Layer):
     computed from the weights. As in the released code the trainer refreshes c during training
     (`refresh_attention_gains`, with T = the training sequence length). A layer whose c was never set
     computes it at its first forward with T = `max_seq_len`, so c never depends on that forward's length.
+
+    `bhyt_var_approx` picks the approximation (`layerwise.nn.norms.VarianceApproximation`); the first
+    `bhyt_var_approx_exact_layers` layers of the original model compute the second statistic exactly instead.
     """
 
     def __init__(self, cfg, layer_idx: int):
@@ -89,6 +92,9 @@ class BHyTParallelLayer(Layer):
         self.register_buffer("attn_gain", torch.tensor(float("nan")))  # c; NaN until first computed
         self.default_gain_seq_len = cfg.max_seq_len
         self._gain_ready = False
+        # By origin index, like LNS, so a layer program or a pruned reload keeps each layer's rule.
+        exact = cfg.depth_index(layer_idx) < cfg.bhyt_var_approx_exact_layers
+        self.variance_approximation = None if exact else BHYT_VARIANCE_APPROXIMATIONS.get(cfg.bhyt_var_approx)()
 
     @torch.no_grad()
     def refresh_attention_gain(self, seq_len: int):
@@ -114,7 +120,10 @@ class BHyTParallelLayer(Layer):
         x = attn.hook_in(x)
         ms = mean_square(x)
         x = x + attn.hook_out(attn.fn(attn.scaled(attn.norm_in(x, ms)), ctx))
-        ms_hat = approximate_mean_square(ms, self.attn_gain, attn.norm_in.lam, attn.norm_in.kappa)
+        if self.variance_approximation is None:
+            ms_hat = mean_square(x)
+        else:
+            ms_hat = self.variance_approximation(ms, self.attn_gain, attn.norm_in.lam, attn.norm_in.kappa)
         x = mlp.hook_in(x)
         return x + mlp.hook_out(mlp.fn(mlp.scaled(mlp.norm_in(x, ms_hat)), ctx))
 

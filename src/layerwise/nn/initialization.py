@@ -18,7 +18,8 @@ from torch import nn
 from .attention import CausalSelfAttention
 from .block import BHyTParallelLayer
 from .mlp import MLP
-from .norms import BHyT, DyT, FrozenScaleNorm, Norm, SeeDNorm, TrackedStd
+from .norms import (BetaVarianceApproximation, BHyT, DyT, EtaVarianceApproximation, FrozenScaleNorm, Norm,
+                    ResidualAwareVarianceApproximation, SeeDNorm, TrackedStd)
 from .positions import LearnedPositions
 from .registry import variant_of
 from .residual import DepthAttention
@@ -91,6 +92,14 @@ def parameter_groups(model: nn.Module) -> list[InitGroup]:
         # NaN marks c as not yet computed from the weights (see BHyTParallelLayer).
         InitGroup("BHyT attention-output gain c", [(layer, "attn_gain") for layer in of(BHyTParallelLayer)],
                   Constant(float("nan"))),
+        # The released code's inits: each approximation starts as the default v + c lambda^2 / kappa^2, except eta
+        # (v alone).
+        InitGroup("BHyT variance beta", [(m, "beta") for m in of(BetaVarianceApproximation)], Constant(1.0)),
+        InitGroup("BHyT variance eta", [(m, "eta") for m in of(EtaVarianceApproximation)], Constant(0.0)),
+        InitGroup("BHyT residual-aware alpha", [(m, "alpha") for m in of(ResidualAwareVarianceApproximation)],
+                  Constant(1.0)),
+        InitGroup("BHyT residual-aware beta", [(m, "beta") for m in of(ResidualAwareVarianceApproximation)],
+                  Constant(0.0)),
         InitGroup("SeeDNorm alpha", [(n, "alpha") for n in of(SeeDNorm)], Constant("alpha0")),
         InitGroup("SeeDNorm beta", [(n, "beta") for n in of(SeeDNorm)], Constant(0.0)),  # SeeDNorm == RMSNorm
         InitGroup("frozen norm scale sigma", [(n, "sigma") for n in of(FrozenScaleNorm)], Constant("sigma0")),

@@ -142,7 +142,8 @@ class BHyT(Norm):
     Without it, it is the exact BHyT* form.
     """
 
-    config_fields = ("bhyt_kappa", "bhyt_lambda_attn", "bhyt_lambda_mlp", "bhyt_lambda_final", "bhyt_exact")
+    config_fields = ("bhyt_kappa", "bhyt_lambda_attn", "bhyt_lambda_mlp", "bhyt_lambda_final", "bhyt_exact",
+                     "bhyt_var_approx", "bhyt_var_approx_exact_layers")
 
     @classmethod
     def validate(cls, cfg):
@@ -151,6 +152,11 @@ class BHyT(Norm):
             fail("bhyt_exact", False, "(the parallel BHyT form) approximates the MLP-input variance from a Pre-LN "
                  "residual add; with norm_placement={!r}, residual={!r} set bhyt_exact=True (BHyT*)".format(
                      cfg.norm_placement, cfg.residual))
+        if cfg.bhyt_exact:
+            for field, default in (("bhyt_var_approx", "baseline"), ("bhyt_var_approx_exact_layers", 0)):
+                if getattr(cfg, field) != default:
+                    fail(field, getattr(cfg, field), "shapes the parallel form's approximate MLP-input variance, "
+                         f"but bhyt_exact=True (BHyT*) computes it exactly: set {field}={default!r} or bhyt_exact=False")
 
     @classmethod
     def layer_class(cls, cfg):
@@ -178,9 +184,74 @@ class BHyT(Norm):
         return self.weight * torch.tanh(self.lam * r * at_least_float32(x)).to(x.dtype)
 
 
+def attention_variance_term(gain: torch.Tensor, lam_in: torch.Tensor, kappa: float) -> torch.Tensor:
+    """BHyT's estimate of mean_d(a^2) for the attention output a: c * lambda_in^2 / kappa^2, lambda_in detached."""
+    return gain * lam_in.detach().pow(2) / kappa**2
+
+
 def approximate_mean_square(ms_before: torch.Tensor, gain: torch.Tensor, lam_in: torch.Tensor, kappa: float):
     """BHyT parallel form: mean_d((h + a)^2) ~= mean_d(h^2) + c * lambda_in^2 / kappa^2, lambda_in detached."""
-    return ms_before + gain * lam_in.detach().pow(2) / kappa**2
+    return ms_before + attention_variance_term(gain, lam_in, kappa)
+
+
+BHYT_VARIANCE_APPROXIMATIONS: Registry["VarianceApproximation"] = Registry("BHyT variance approximation",
+                                                                            "bhyt_var_approx")
+
+
+class VarianceApproximation(Variant, nn.Module):
+    """Base: how BHyT's parallel form estimates the MLP-input mean square mean_d((h + a)^2) from v = mean_d(h^2),
+    the block's one exact statistic, and the weights' c. Each layer holds its own; the learnable scalars are
+    trained (only lambda_in is detached) and are 1-D because FSDP2 cannot shard 0-d tensors."""
+
+    def forward(self, ms_before, gain, lam_in, kappa):
+        raise NotImplementedError
+
+
+@BHYT_VARIANCE_APPROXIMATIONS.register("baseline")
+class AdditiveVarianceApproximation(VarianceApproximation):
+    """BHyT (Byun et al., arXiv 2601.09719), the default: v + c lambda_in^2 / kappa^2."""
+
+    def forward(self, ms_before, gain, lam_in, kappa):
+        return approximate_mean_square(ms_before, gain, lam_in, kappa)
+
+
+@BHYT_VARIANCE_APPROXIMATIONS.register("beta")
+class BetaVarianceApproximation(VarianceApproximation):
+    """BHyT (Byun et al., arXiv 2601.09719), `beta`: v + beta c lambda_in^2 / kappa^2, beta init 1 (the default)."""
+
+    def __init__(self):
+        super().__init__()
+        self.beta = nn.Parameter(torch.ones(1))
+
+    def forward(self, ms_before, gain, lam_in, kappa):
+        return ms_before + self.beta * attention_variance_term(gain, lam_in, kappa)
+
+
+@BHYT_VARIANCE_APPROXIMATIONS.register("eta")
+class EtaVarianceApproximation(VarianceApproximation):
+    """BHyT (Byun et al., arXiv 2601.09719), `eta`: v (1 + eta), eta init 0; c is not read, so at init the MLP
+    norm sees the attention input's own mean square."""
+
+    def __init__(self):
+        super().__init__()
+        self.eta = nn.Parameter(torch.zeros(1))
+
+    def forward(self, ms_before, gain, lam_in, kappa):
+        return ms_before * (1 + self.eta)
+
+
+@BHYT_VARIANCE_APPROXIMATIONS.register("residual_aware")
+class ResidualAwareVarianceApproximation(VarianceApproximation):
+    """BHyT (Byun et al., arXiv 2601.09719), `residual_aware`: v (1 + beta) + alpha c lambda_in^2 / kappa^2, with
+    alpha init 1 and beta init 0 (the default); beta absorbs the cross term 2 mean_d(h a) the default drops."""
+
+    def __init__(self):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(1))
+        self.beta = nn.Parameter(torch.zeros(1))
+
+    def forward(self, ms_before, gain, lam_in, kappa):
+        return ms_before * (1 + self.beta) + self.alpha * attention_variance_term(gain, lam_in, kappa)
 
 
 @torch.no_grad()

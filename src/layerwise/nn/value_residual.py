@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import Registry, Variant
+from .registry import Registry, Variant, fail
 
 VALUE_RESIDUALS: Registry[Variant] = Registry("value residual", "value_residual")
 
@@ -74,8 +74,21 @@ class ResFormer(ValueResidual):
         return (lambda_first * v_first + self.lambda_self[layer_idx - 1] * v).to(v.dtype)
 
 
-_GATES = {"relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "identity": lambda z: z}
+def softmax_gate(logits: torch.Tensor) -> torch.Tensor:
+    """SATFormer's softmax gate: H_kv * softmax over the KV heads, so a token's gates average 1."""
+    return logits.shape[-1] * torch.softmax(logits, dim=-1)
+
+
+def softmax_sigmoid_gate(logits: torch.Tensor) -> torch.Tensor:
+    """SATFormer's softmax-sigmoid gate: the softmax gate times each head's own sigmoid."""
+    return softmax_gate(logits) * torch.sigmoid(logits)
+
+
+_GATES = {"relu": F.relu, "sigmoid": torch.sigmoid, "softmax": softmax_gate, "softmax_sigmoid": softmax_sigmoid_gate,
+          "tanh": torch.tanh, "identity": lambda z: z}
 SATFORMER_GATES = tuple(_GATES)  # the valid values of ModelConfig.value_residual_gate
+# Gates that compete across KV heads: with one KV head the softmax is the constant 1.
+_ACROSS_HEAD_GATES = {"softmax": "the constant 1, so V_1 is added unweighted", "softmax_sigmoid": "the sigmoid gate"}
 
 
 @VALUE_RESIDUALS.register("satformer")
@@ -83,9 +96,18 @@ class SATFormer(ValueResidual):
     """SATFormer (Gunasekaran et al., arXiv 2605.03953): V'_n = V_n + phi(W_alpha x_n) * V_1, a gate per KV head.
 
     x_n is the layer's normed attention input; W_alpha in R^{H_kv x d} has no bias and init N(0, init_std).
+    phi is `value_residual_gate`: relu (the paper's default), sigmoid, tanh, identity, or the across-head
+    softmax and softmax_sigmoid gates, scaled by H_kv so that the mean gate over heads is 1 (softmax) or below.
     """
 
     config_fields = ("value_residual_gate", "value_residual_last_k")
+
+    @classmethod
+    def validate(cls, cfg):
+        if cfg.value_residual_gate in _ACROSS_HEAD_GATES and cfg.n_kv_heads == 1:
+            fail("value_residual_gate", cfg.value_residual_gate,
+                 f"normalises across KV heads; with n_kv_heads=1 it is {_ACROSS_HEAD_GATES[cfg.value_residual_gate]}: "
+                 "use sigmoid or relu, or more KV heads")
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -95,7 +117,8 @@ class SATFormer(ValueResidual):
         )
 
     def mix(self, layer_idx, v, v_first, x):
-        g = self.gate_fn(self.gates[layer_idx - self.first_mixed_layer](x))  # [B, T, H_kv]
+        # Cast back: a gate computed in a wider dtype would widen V', and with it the KV cache.
+        g = self.gate_fn(self.gates[layer_idx - self.first_mixed_layer](x)).to(v.dtype)  # [B, T, H_kv]
         return v + g[..., None] * v_first
 
 
