@@ -49,7 +49,8 @@ def greedy_by_full_forwards(model, ids, n):
 
 
 @pytest.mark.parametrize("name", ["pre-ln", "peri-ln", "bhyt", "attnres", "block-attnres", "delta-attnres",
-                                  "delta-block-attnres", "resformer", "satformer", "dyt"])
+                                  "delta-block-attnres", "delta-block-attnres-released", "resformer", "satformer",
+                                  "dyt"])
 def test_cached_generate_equals_greedy_full_forwards(name):
     model = tiny_model(name)
     # Random init gives flat logits; sharpen them so greedy choices are not decided by rounding noise.

@@ -94,6 +94,10 @@ class ModelConfig(PreTrainedConfig):
     # Residual scheme
     residual: str = "standard"  # standard | full_attnres | block_attnres | delta_attnres | delta_block_attnres
     attnres_blocks: int = 8  # block_attnres: blocks of sublayers; delta_block_attnres: blocks of layers
+    delta_gate: str = "none"  # delta_*: g in u = h + g * mix: none | sigmoid_scalar | sigmoid_vector | learnable_alpha
+    delta_null_source: bool = False  # delta_*: a learnable source, zero at init, before each sublayer's sources
+    delta_entropy_bonus: float = 0.0  # delta_*: lambda_H; the training loss subtracts lambda_H * mean depth entropy
+    delta_block_sources: str = "deltas"  # delta_block_attnres: deltas | released (the code's alternating sums)
 
     # Value residual
     value_residual: str = "none"  # none | resformer | satformer

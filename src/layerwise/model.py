@@ -8,6 +8,7 @@ final norm -> head. The variants live in `layerwise.nn`; this file wires them an
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,21 @@ from .nn.norms import build_norm
 from .nn.positions import build_position_embedding
 from .nn.residual import build_residual
 from .nn.value_residual import build_value_residual
+
+
+@dataclass
+class LayerwiseModelOutput(BaseModelOutputWithPast):
+    """`BaseModelOutputWithPast` plus `residual_loss`: the residual scheme's term of the training objective (Delta
+    AttnRes's entropy bonus), already scaled; None when the scheme adds none."""
+
+    residual_loss: torch.Tensor | None = None
+
+
+@dataclass
+class LayerwiseCausalLMOutput(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus `residual_loss` (see `LayerwiseModelOutput`); `loss` includes it."""
+
+    residual_loss: torch.Tensor | None = None
 
 
 class LayerwisePreTrainedModel(PreTrainedModel):
@@ -98,11 +114,11 @@ class LayerwiseModel(LayerwisePreTrainedModel):
         return [self.layers[stored] for stored in self.config.layer_order]
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
+                inputs_embeds=None, use_cache=None, **kwargs) -> LayerwiseModelOutput:
         h, ctx = self.embed(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache)
         h = self.residual(h, self.positions, ctx)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(self.hook_final_norm_in(h)),
-                                       past_key_values=ctx.cache)
+        return LayerwiseModelOutput(last_hidden_state=self.norm(self.hook_final_norm_in(h)),
+                                    past_key_values=ctx.cache, residual_loss=self.residual.auxiliary_loss(ctx))
 
     def embed(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
               inputs_embeds=None, use_cache=None) -> tuple[torch.Tensor, ForwardContext]:
@@ -175,7 +191,7 @@ class LayerwiseForCausalLM(LayerwisePreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int = 0,
-                **kwargs) -> CausalLMOutputWithPast:
+                **kwargs) -> LayerwiseCausalLMOutput:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
         h = out.last_hidden_state
@@ -183,7 +199,10 @@ class LayerwiseForCausalLM(LayerwisePreTrainedModel, GenerationMixin):
             h = h[:, -logits_to_keep:]
         logits = self.lm_head(h)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        if loss is not None and out.residual_loss is not None:
+            loss = loss + out.residual_loss
+        return LayerwiseCausalLMOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                                       residual_loss=out.residual_loss)
 
 
 # Importing the model registers it, so `AutoModelForCausalLM.from_pretrained(folder)` loads layerwise

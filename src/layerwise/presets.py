@@ -81,6 +81,9 @@ PRESETS: dict[str, Preset] = {
                dict(residual="delta_attnres")),
         Preset("delta-block-attnres", "Delta Block AttnRes (Luo, Cai, Hu): routing over per-block deltas, N = 4",
                dict(residual="delta_block_attnres"), _delta_blocks),
+        Preset("delta-block-attnres-released", "Delta Block AttnRes (Luo, Cai, Hu) with the released code's "
+               "alternating-sum block sources [e, D0, e+D1, D0+D2, ...], for the A/B against the block deltas",
+               dict(residual="delta_block_attnres", delta_block_sources="released"), _delta_blocks),
         Preset("resformer", "ResFormer value residual (Zhou et al., 2024)", dict(value_residual="resformer")),
         # QK-norm stays off here as in `resformer` and `pre-rmsnorm`, so the three differ only in the value residual;
         # the SATFormer configs turn it on for all three: pass qk_norm=True to each to reproduce that setting.

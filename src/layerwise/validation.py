@@ -54,6 +54,18 @@ def validate_config(cfg) -> None:
     if cfg.value_residual_last_k is not None and not 1 <= cfg.value_residual_last_k <= cfg.n_layers - 1:
         fail("value_residual_last_k", cfg.value_residual_last_k, f"must be in 1..{cfg.n_layers - 1} (or None)")
 
+    from .nn.residual import DELTA_BLOCK_SOURCES, DELTA_GATES
+
+    if cfg.delta_gate not in DELTA_GATES:
+        fail("delta_gate", cfg.delta_gate, f"is not one of {', '.join(DELTA_GATES)}")
+    if not isinstance(cfg.delta_null_source, bool):
+        fail("delta_null_source", cfg.delta_null_source, "must be True or False")
+    bonus = cfg.delta_entropy_bonus
+    if isinstance(bonus, bool) or not (isinstance(bonus, (int, float)) and 0 <= bonus < float("inf")):
+        fail("delta_entropy_bonus", bonus, "must be a finite number >= 0 (0: no entropy bonus)")
+    if cfg.delta_block_sources not in DELTA_BLOCK_SOURCES:
+        fail("delta_block_sources", cfg.delta_block_sources, f"is not one of {', '.join(DELTA_BLOCK_SOURCES)}")
+
     _validate_layer_program(cfg)
 
     # Rules that belong to a variant (AttnRes needs an additive placement, BHyT's parallel form needs Pre-LN,

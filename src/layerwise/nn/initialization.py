@@ -22,7 +22,7 @@ from .norms import (BetaVarianceApproximation, BHyT, DyT, EtaVarianceApproximati
                     ResidualAwareVarianceApproximation, SeeDNorm, TrackedStd)
 from .positions import LearnedPositions
 from .registry import variant_of
-from .residual import DepthAttention
+from .residual import DeltaRoutedScheme, DepthAttention, LearnableAlphaGate, SigmoidScalarGate, SigmoidVectorGate
 from .value_residual import ResFormer, SATFormer
 
 # The attribute under which a module records the init of each of its own tensors.
@@ -110,6 +110,16 @@ def parameter_groups(model: nn.Module) -> list[InitGroup]:
         InitGroup("FakeLN special positions on", [(t, name) for t in of(TrackedStd)
                                                   for name in ("bos_is_special", "eot_is_special")], Constant(True)),
         InitGroup("AttnRes pseudo-queries", [(m, "query") for m in of(DepthAttention)], Constant(0.0)),
+        # Delta AttnRes's optional gates and null sources (the released code's inits).
+        InitGroup("Delta AttnRes null sources", [(m, "null_sources") for m in of(DeltaRoutedScheme)
+                                                 if m.null_sources is not None], Constant(0.0)),
+        InitGroup("Delta AttnRes sigmoid gate logits", [(g, "logit") for g in of(SigmoidScalarGate)],
+                  Constant(SigmoidScalarGate.logit_init)),
+        InitGroup("Delta AttnRes vector gate weights", [(g.proj, "weight") for g in of(SigmoidVectorGate)],
+                  Constant(0.0)),
+        InitGroup("Delta AttnRes vector gate biases", [(g.proj, "bias") for g in of(SigmoidVectorGate)],
+                  Constant(SigmoidVectorGate.bias_init)),
+        InitGroup("Delta AttnRes gate alphas", [(g, "alpha") for g in of(LearnableAlphaGate)], Constant(0.0)),
         InitGroup("ResFormer lambda logits", [(m, "lambda_logits") for m in of(ResFormer)], Constant(0.0)),
         InitGroup("ResFormer lambda scale", [(m, "lambda_scale") for m in of(ResFormer)],
                   Constant(float(cfg.n_layers))),

@@ -59,9 +59,13 @@ class DepthAttention(nn.Module):
 
     def forward(self, sources: list[torch.Tensor]) -> torch.Tensor:
         """The reference path (`layerwise.kernels.attnres`); the schemes' fast path bypasses it and its hooks."""
+        return self.mix_and_weights(sources)[0]
+
+    def mix_and_weights(self, sources: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mixture and its depth weights [S, B, T] (Delta AttnRes's entropy bonus reads the weights)."""
         v = self.hook_sources(torch.stack(sources))
         w = self.hook_weights(self.weights(v))
-        return kernel.reference_mix(w, v)
+        return kernel.reference_mix(w, v), w
 
 
 def watched(module: nn.Module) -> bool:
@@ -95,6 +99,10 @@ class ResidualScheme(Variant, nn.Module):
 
     def readout(self, state) -> torch.Tensor:
         return state
+
+    def auxiliary_loss(self, ctx) -> torch.Tensor | None:
+        """The scheme's term of the training objective from the forward that filled `ctx` (None: it adds none)."""
+        return None
 
     def forward(self, h, layers, ctx):
         """`layers`: the layer of each execution position, in order (`LayerwiseModel.positions`)."""
@@ -302,18 +310,129 @@ class FullAttnRes(BlockAttnRes):
         return 2 * cfg.n_layers
 
 
-@RESIDUALS.register("delta_attnres")
-class DeltaAttnRes(DepthRoutedScheme):
-    """Delta AttnRes (Luo, Cai, Hu): the residual stream stays; each sublayer input adds a depth-softmax over
-    the embedding and every earlier sublayer output (the per-sublayer deltas h_{i+1} - h_i).
+def depth_entropy(weights: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of -sum_i a_i log a_i for depth weights [S, B, T] (Delta AttnRes's entropy bonus)."""
+    # log of the weights clamped to the smallest normal number: a weight that underflowed to 0 adds 0 and a finite
+    # gradient, where log(0) would make it NaN (the released code adds 1e-8 instead, which biases small weights).
+    return -(weights * weights.clamp_min(torch.finfo(weights.dtype).tiny).log()).sum(0).mean()
 
-    The first sublayer has no sources and reads the stream alone. There is no final routing.
+
+class DeltaGate(nn.Module):
+    """Base of the Delta AttnRes gates (Luo, Cai, Hu): sublayer input u = h + g * mix. The released code writes
+    (1 - g) h + g (h + mix), the same sum."""
+
+    def forward(self, h: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
+        return h + self.gate(h) * mixed
+
+    def gate(self, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class SigmoidScalarGate(DeltaGate):
+    """g = sigmoid(a), one learnable logit per sublayer, init -2 (g = 0.12): routing starts as a small addition."""
+
+    logit_init = -2.0
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.logit = nn.Parameter(torch.full((1,), self.logit_init))
+
+    def gate(self, h):
+        return torch.sigmoid(self.logit)
+
+
+class SigmoidVectorGate(DeltaGate):
+    """g = sigmoid(W h + b) per token and channel, read from the stream h; W init 0 and b init -2, so every
+    channel starts at g = 0.12 and the stream learns which channels take the mixture."""
+
+    bias_init = -2.0
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim, bias=True)
+
+    def gate(self, h):
+        return torch.sigmoid(self.proj(h))
+
+
+class LearnableAlphaGate(DeltaGate):
+    """g = alpha, one learnable scalar per sublayer, init 0: the model starts as the plain residual stream."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(1))
+
+    def gate(self, h):
+        return self.alpha
+
+
+# ModelConfig.delta_gate -> gate class; "none" adds the mixture whole (the released code's default, "bias").
+DELTA_GATES: dict[str, type[DeltaGate] | None] = {
+    "none": None, "sigmoid_scalar": SigmoidScalarGate, "sigmoid_vector": SigmoidVectorGate,
+    "learnable_alpha": LearnableAlphaGate,
+}
+# ModelConfig.delta_block_sources: the corrected block deltas, or the released code's alternating sums.
+DELTA_BLOCK_SOURCES = ("deltas", "released")
+DEPTH_ENTROPIES = "delta_attnres_depth_entropies"  # the ForwardContext.extras key the routed sublayers fill
+
+
+class DeltaRoutedScheme(DepthRoutedScheme):
+    """Base of the Delta AttnRes schemes (Luo, Cai, Hu): the residual stream h stays, and each sublayer reads
+    u = h + g * sum_i softmax_i(w . RMSNorm(v_i)) v_i over its sources, with g from `delta_gate` (1 by default).
+
+    `delta_null_source` prepends to every sublayer's sources a learnable vector, zero at init; the first sublayer
+    then routes too. A zero source does not make the input the stream alone: with w = 0 the softmax is uniform
+    over the n + 1 sources, so u = h + (sum of the n others) / (n + 1). Only `learnable_alpha` starts exactly at h.
+    `delta_entropy_bonus` = lambda_H subtracts lambda_H times the mean, over the sublayers that routed, of the
+    depth-softmax entropy (mean over tokens) from the training loss (`auxiliary_loss`).
     """
+
+    config_fields = ("delta_gate", "delta_null_source", "delta_entropy_bonus")
 
     def __init__(self, cfg):
         super().__init__()
-        # Sublayer 0 has no sources, so it has no mixer (an unused parameter would trouble DDP).
-        self.mixers = nn.ModuleList(DepthAttention(cfg.d_model, cfg.norm_eps) for _ in range(2 * cfg.n_layers - 1))
+        n_sub, d = 2 * cfg.n_layers, cfg.d_model
+        # Without a null source sublayer 0 has no sources, so it has no mixer (an unused parameter troubles DDP).
+        self.first_routed = 0 if cfg.delta_null_source else 1
+        n_mixers = n_sub - self.first_routed
+        self.mixers = nn.ModuleList(DepthAttention(d, cfg.norm_eps) for _ in range(n_mixers))
+        gate = DELTA_GATES[cfg.delta_gate]
+        self.gates = nn.ModuleList(gate(d) for _ in range(n_mixers)) if gate is not None else None
+        self.null_sources = nn.Parameter(torch.zeros(n_mixers, d)) if cfg.delta_null_source else None
+        self.entropy_bonus = cfg.delta_entropy_bonus
+
+    def route(self, j: int, h: torch.Tensor, sources: list[torch.Tensor], ctx) -> torch.Tensor:
+        """Sublayer j's input: the stream plus its gated depth mixture (the stream alone when it has no sources)."""
+        k = j - self.first_routed
+        if self.null_sources is not None:
+            sources = [self.null_sources[k].to(h.dtype).expand_as(h)] + sources
+        if not sources:
+            return h
+        if self.entropy_bonus:
+            mixed, weights = self.mixers[k].mix_and_weights(sources)
+            ctx.extras.setdefault(DEPTH_ENTROPIES, []).append(depth_entropy(weights))
+        else:
+            mixed = self.mixers[k](sources)
+        return h + mixed if self.gates is None else self.gates[k](h, mixed)
+
+    def auxiliary_loss(self, ctx):
+        entropies = ctx.extras.get(DEPTH_ENTROPIES)
+        if not entropies:
+            return None
+        return -self.entropy_bonus * torch.stack(entropies).mean()
+
+    def readout(self, state):
+        return state[0]  # no final routing: the stream already carries the full sum
+
+
+@RESIDUALS.register("delta_attnres")
+class DeltaAttnRes(DeltaRoutedScheme):
+    """Delta AttnRes (Luo, Cai, Hu): the residual stream stays; each sublayer input adds a depth-softmax over
+    the embedding and every earlier sublayer output (the per-sublayer deltas h_{i+1} - h_i).
+
+    The first sublayer has no sources and reads the stream alone (unless a null source is on). There is no final
+    routing.
+    """
 
     def start(self, h):
         return h, []  # (stream, sources)
@@ -322,35 +441,31 @@ class DeltaAttnRes(DepthRoutedScheme):
         ctx.position = i
         h, sources = state
         for j, sub in ((2 * i, layer.attn), (2 * i + 1, layer.mlp)):
-            x = h + self.mixers[j - 1](sources) if sources else h
-            out = sub.branch(x, ctx)
+            out = sub.branch(self.route(j, h, sources, ctx), ctx)
             if j == 0:
                 sources = sources + [h]  # the embedding becomes the first source once sublayer 0 has read it
             sources = sources + [out]
             h = h + out
         return h, sources
 
-    def readout(self, state):
-        return state[0]
-
 
 @RESIDUALS.register("delta_block_attnres")
-class DeltaBlockAttnRes(DepthRoutedScheme):
+class DeltaBlockAttnRes(DeltaRoutedScheme):
     """Delta Block AttnRes (Luo, Cai, Hu): Delta AttnRes whose sources are the embedding and per-block deltas.
 
     Layers are grouped in blocks of ceil(L/N). At the first layer of each block, after its attention input is
     formed, the source Delta_k = h_now - h_at_previous_block_start is appended (the embedding at layer 0).
-    The released code appends h_now - sources[-1] instead, which yields alternating sums [e, D0, e+D1, ...];
-    we implement the intended block deltas.
+    The released code appends h_now - sources[-1] instead, which yields alternating sums [e, D0, e+D1, D0+D2, ...];
+    `delta_block_sources: released` selects that, for the A/B against the intended block deltas (the default).
     """
 
-    config_fields = ("attnres_blocks",)
+    config_fields = (*DeltaRoutedScheme.config_fields, "attnres_blocks", "delta_block_sources")
     depth_dependence = "groups layers in blocks of ceil(L/N)"
 
     def __init__(self, cfg):
-        super().__init__()
+        super().__init__(cfg)
         self.layers_per_block = math.ceil(cfg.n_layers / cfg.attnres_blocks)
-        self.mixers = nn.ModuleList(DepthAttention(cfg.d_model, cfg.norm_eps) for _ in range(2 * cfg.n_layers - 1))
+        self.released_sources = cfg.delta_block_sources == "released"
 
     @classmethod
     def validate(cls, cfg):
@@ -362,20 +477,23 @@ class DeltaBlockAttnRes(DepthRoutedScheme):
     def start(self, h):
         return h, [], None  # (stream, sources, stream at the current block's start)
 
+    def block_source(self, h, sources, block_start):
+        """The source a block start appends: the stream (the embedding at layer 0), then its change over the block
+        just ended; the released code subtracts the previous source instead of the previous block start."""
+        if block_start is None:
+            return h
+        return h - (sources[-1] if self.released_sources else block_start)
+
     def step(self, state, i, layer, ctx):
         ctx.position = i
         h, sources, block_start = state
         for is_attention, j, sub in ((True, 2 * i, layer.attn), (False, 2 * i + 1, layer.mlp)):
-            x = h + self.mixers[j - 1](sources) if sources else h
-            out = sub.branch(x, ctx)
+            out = sub.branch(self.route(j, h, sources, ctx), ctx)
             if is_attention and i % self.layers_per_block == 0:
-                sources = sources + [h if block_start is None else h - block_start]
+                sources = sources + [self.block_source(h, sources, block_start)]
                 block_start = h
             h = h + out
         return h, sources, block_start
-
-    def readout(self, state):
-        return state[0]
 
 
 def build_residual(cfg) -> nn.Module:

@@ -434,9 +434,12 @@ class Trainer:
             else:
                 sync = wrapped.no_sync() if rt.distributed and not last else nullcontext()
             with sync, self.autocast():
-                logits = forward(input_ids=x, use_cache=False).logits
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()) / self.accum
-            loss.backward()
+                out = forward(input_ids=x, use_cache=False)
+                loss = F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten()) / self.accum
+                # A residual scheme's own term (Delta AttnRes's entropy bonus) is trained on; the logged loss
+                # stays the cross-entropy, comparable across schemes.
+                extra = getattr(out, "residual_loss", None)
+            (loss if extra is None else loss + extra / self.accum).backward()
             loss_sum += loss.detach()
         loss_mean = dist_infra.mean_over_processes(loss_sum, rt)
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
