@@ -67,6 +67,9 @@ PRESETS: dict[str, Preset] = {
         Preset("bhyt-star", "BHyT* (Byun et al., arXiv 2601.09719): exact RMS at both norms",
                dict(norm="bhyt", bhyt_exact=True)),
         Preset("seednorm", "SeeDNorm (Cai et al., ICLR 2026), single head, alpha0 1", dict(norm="seednorm")),
+        Preset("ssrmsnorm", "Single-Scale RMSNorm (Park et al., ACL 2025, 'Outlier-Safe Pre-Training'): one scalar "
+               "gain in every RMSNorm, final norm included; OSP's EmbProj and Muon are not part of it",
+               dict(norm="ssrmsnorm")),
         Preset("attnres", "Full Attention Residuals (Kimi Team, arXiv 2603.15031)", dict(residual="full_attnres")),
         Preset("block-attnres", "Block Attention Residuals (Kimi Team, arXiv 2603.15031): whole layers per block, "
                "the number of blocks dividing L nearest the paper's 8",

@@ -97,6 +97,20 @@ class RMSNorm(Norm):
         return self.weight * rms_normalize(x, self.eps)
 
 
+@register_norm("ssrmsnorm")
+class SingleScaleRMSNorm(RMSNorm):
+    """Single-Scale RMSNorm (Park et al., ACL 2025, Outlier-Safe Pre-Training): s * x / sqrt(mean(x^2) + eps).
+
+    One learnable scalar s (init 1, the "norm gains" init) instead of RMSNorm's per-channel gamma: a
+    per-channel gain, under Adam above all, lets privileged channels grow the activation outliers that break
+    low-bit quantization. Stored 1-D, shape (1,), so FSDP2 can shard it and folding broadcasts it.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__(dim, eps=eps)
+        self.weight = nn.Parameter(torch.ones(1))
+
+
 @register_norm("crmsnorm")
 class CRMSNorm(RMSNorm):
     """Compressed RMSNorm (Jiang et al., NeurIPS 2023) on the first d-1 coordinates z of a zero-mean x in R^d:
