@@ -49,3 +49,54 @@ def test_ssrmsnorm_model_equals_the_rmsnorm_model_whose_gains_are_its_scalars_br
     plain.load_state_dict({k: v.expand_as(plain.state_dict()[k]) for k, v in single.state_dict().items()})
     ids = torch.randint(0, 256, (2, 12))
     torch.testing.assert_close(single(ids).logits, plain(ids).logits, **TIGHT)
+
+
+def _decayed_names(model, weight_decay=0.1):
+    from layerwise.train.optim import param_groups
+
+    decayed = {id(p) for p in param_groups(model, weight_decay)[0]["params"]}
+    return {name for name, p in model.named_parameters() if id(p) in decayed}
+
+
+def _norm_gains(model):
+    return {name for name, p in model.named_parameters() if p.ndim == 1 and name.endswith("weight")
+            and "proj" not in name}
+
+
+def test_iwd_decays_the_input_norm_gains_and_no_output_norm_gain():
+    # Peri-LN with QK-norm has every kind of norm: pre-sublayer, after-sublayer, embedding, final, Q/K.
+    model = LayerwiseForCausalLM(ModelConfig.from_preset("peri-ln", "tiny", qk_norm=True, norm_gain_decay="input"))
+    gains = _norm_gains(model)
+    decayed = _decayed_names(model) & gains
+    inputs = {f"model.layers.{i}.{s}.norm_in.weight" for i in range(4) for s in ("attn", "mlp")} | {"model.norm.weight"}
+    assert decayed == inputs
+    outputs = gains - decayed
+    assert {n for n in outputs if "norm_out" in n} and "model.embedding_norm.weight" in outputs
+    assert {n for n in outputs if "q_norm" in n or "k_norm" in n}
+
+
+def test_without_iwd_no_norm_gain_is_decayed_and_the_matrices_still_are():
+    model = LayerwiseForCausalLM(ModelConfig.from_preset("peri-ln", "tiny", qk_norm=True))
+    decayed = _decayed_names(model)
+    assert not decayed & _norm_gains(model)
+    assert "model.layers.0.attn.fn.q_proj.weight" in decayed
+
+
+def test_iwd_keeps_the_norms_own_decayed_parameters():
+    model = LayerwiseForCausalLM(ModelConfig.from_preset("seednorm", "tiny", norm_gain_decay="input"))
+    decayed = _decayed_names(model)
+    assert {"model.layers.0.attn.norm_in.alpha", "model.layers.0.attn.norm_in.beta",
+            "model.layers.0.attn.norm_in.weight"} <= decayed
+
+
+def test_iwd_preset_changes_only_the_optimizer_not_the_function():
+    torch.manual_seed(0)
+    iwd, base = (LayerwiseForCausalLM(ModelConfig.from_preset(n, "tiny")).eval() for n in ("iwd", "pre-rmsnorm"))
+    base.load_state_dict(iwd.state_dict())
+    ids = torch.randint(0, 256, (1, 8))
+    torch.testing.assert_close(iwd(ids).logits, base(ids).logits, atol=0, rtol=0)
+
+
+def test_an_unknown_norm_gain_decay_names_the_field():
+    with pytest.raises(ValueError, match=r"ModelConfig.norm_gain_decay='output' is not one of none, input"):
+        ModelConfig.from_preset("pre-rmsnorm", "tiny", norm_gain_decay="output")

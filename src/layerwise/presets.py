@@ -70,6 +70,8 @@ PRESETS: dict[str, Preset] = {
         Preset("ssrmsnorm", "Single-Scale RMSNorm (Park et al., ACL 2025, 'Outlier-Safe Pre-Training'): one scalar "
                "gain in every RMSNorm, final norm included; OSP's EmbProj and Muon are not part of it",
                dict(norm="ssrmsnorm")),
+        Preset("iwd", "Input-Norm weight decay (Wang et al., arXiv 2605.26895, 'Negligible in Size, Significant in "
+               "Effect'): decay the gains of the norms a linear reads, not the others'", dict(norm_gain_decay="input")),
         Preset("attnres", "Full Attention Residuals (Kimi Team, arXiv 2603.15031)", dict(residual="full_attnres")),
         Preset("block-attnres", "Block Attention Residuals (Kimi Team, arXiv 2603.15031): whole layers per block, "
                "the number of blocks dividing L nearest the paper's 8",

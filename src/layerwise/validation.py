@@ -43,6 +43,8 @@ def validate_config(cfg) -> None:
     # A value outside its field's domain is a mistake even where no selected variant reads the field.
     if not 0.0 <= cfg.mixln_ratio <= 1.0:
         fail("mixln_ratio", cfg.mixln_ratio, "must lie in [0, 1]")
+    if cfg.norm_gain_decay not in ("none", "input"):
+        fail("norm_gain_decay", cfg.norm_gain_decay, "is not one of none, input (IWD)")
     if cfg.seednorm_heads < 1 or cfg.d_model % cfg.seednorm_heads:
         fail("seednorm_heads", cfg.seednorm_heads, f"must divide d_model={cfg.d_model}")
     if cfg.value_residual_gate not in SATFORMER_GATES:

@@ -26,6 +26,9 @@ class Norm(Variant, nn.Module):
     # The output is weight * f(x) (+ bias) with f free of both, so weight and bias fold into the linears that
     # read the norm (`layerwise.transform.norms`); SeeDNorm's gain depends on x and does not.
     affine_output: bool = True
+    # Parameters that weight decay applies to although they are vectors (the optimizer exempts vectors by
+    # default); a class lists its paper's choice, and `build_norm` adds the gain of an Input-Norm under IWD.
+    decayed_parameters: tuple[str, ...] = ()
 
     @classmethod
     def layer_class(cls, cfg) -> type[nn.Module]:
@@ -46,9 +49,20 @@ def mean_square(x: torch.Tensor) -> torch.Tensor:
     return at_least_float32(x).pow(2).mean(-1, keepdim=True)
 
 
+# The roles whose output a linear map reads directly (the sublayer's input projections, the head): Wang et al.'s
+# "Input-Norms". The others (after a sublayer, on the embedding) and QK-norm are their "Output-Norms".
+INPUT_NORM_ROLES = ("attn_in", "mlp_in", "final")
+
+
 def build_norm(cfg, role: str, dim: int | None = None) -> nn.Module:
-    """The norm named by `cfg.norm` for `role`; BHyT's final norm may fall back to RMSNorm (see BHyT)."""
-    return NORMS.get(cfg.norm).from_config(dim or cfg.d_model, cfg, role)
+    """The norm named by `cfg.norm` for `role`; BHyT's final norm may fall back to RMSNorm (see BHyT).
+
+    Under `norm_gain_decay="input"` (IWD, Wang et al., arXiv 2605.26895) the gain of an Input-Norm is decayed
+    and an Output-Norm's is not: only an Input-Norm's gain could be absorbed into the linear that reads it."""
+    norm = NORMS.get(cfg.norm).from_config(dim or cfg.d_model, cfg, role)
+    if cfg.norm_gain_decay == "input" and role in INPUT_NORM_ROLES:
+        norm.decayed_parameters = (*norm.decayed_parameters, "weight")
+    return norm
 
 
 def per_role(cfg, role: str, prefix: str):
