@@ -51,6 +51,22 @@ def test_ssrmsnorm_model_equals_the_rmsnorm_model_whose_gains_are_its_scalars_br
     torch.testing.assert_close(single(ids).logits, plain(ids).logits, **TIGHT)
 
 
+def test_fold_norms_moves_the_single_scales_into_the_readers_with_the_same_logits():
+    from layerwise.transform.norms import fold_norms
+
+    torch.manual_seed(0)
+    model = LayerwiseForCausalLM(ModelConfig.from_preset("ssrmsnorm", "tiny")).double().eval()
+    with torch.no_grad():
+        for norm in model.modules():
+            if isinstance(norm, SingleScaleRMSNorm):
+                norm.weight.uniform_(0.5, 2.0)
+    ids = torch.randint(0, 256, (2, 12))
+    before = model(ids).logits
+    folded = fold_norms(model)
+    torch.testing.assert_close(folded(ids).logits, before, **TIGHT)
+    assert all(n.weight.item() == 1.0 for n in folded.modules() if isinstance(n, SingleScaleRMSNorm))
+
+
 def _decayed_names(model, weight_decay=0.1):
     from layerwise.train.optim import param_groups
 
