@@ -3,6 +3,8 @@ Wang et al. (arXiv 2605.26895), checked in float64 against the papers' formulas.
 
 import pytest
 import torch
+from conftest import tiny_model
+from test_hf import greedy_by_full_forwards
 
 from layerwise import LayerwiseForCausalLM, ModelConfig
 from layerwise.nn.initialization import Constant, init_of
@@ -65,6 +67,15 @@ def test_fold_norms_moves_the_single_scales_into_the_readers_with_the_same_logit
     folded = fold_norms(model)
     torch.testing.assert_close(folded(ids).logits, before, **TIGHT)
     assert all(n.weight.item() == 1.0 for n in folded.modules() if isinstance(n, SingleScaleRMSNorm))
+
+
+def test_ssrmsnorm_cached_generate_equals_greedy_full_forwards():
+    model = tiny_model("ssrmsnorm")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # sharp logits: greedy choices not decided by rounding noise
+    prompt = torch.randint(0, 256, (2, 7))
+    generated = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(generated, greedy_by_full_forwards(model, prompt, 12))
 
 
 def _decayed_names(model, weight_decay=0.1):
