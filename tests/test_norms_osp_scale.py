@@ -127,3 +127,90 @@ def test_iwd_preset_changes_only_the_optimizer_not_the_function():
 def test_an_unknown_norm_gain_decay_names_the_field():
     with pytest.raises(ValueError, match=r"ModelConfig.norm_gain_decay='output' is not one of none, input"):
         ModelConfig.from_preset("pre-rmsnorm", "tiny", norm_gain_decay="output")
+
+
+# ---- HG: each reader of a pre-sublayer norm has its own gain ---------------------------------------------------
+
+def _hg_and_folded(**overrides):
+    """An HG model with random reader gains, and the pre-rmsnorm model with each gain folded into its W."""
+    from layerwise.nn.norms import ReaderGainLinear
+
+    torch.manual_seed(0)
+    hg = LayerwiseForCausalLM(ModelConfig.from_preset("pre-rmsnorm", "tiny", heterogeneous_gains=True,
+                                                      **overrides)).double().eval()
+    with torch.no_grad():
+        for linear in hg.modules():
+            if isinstance(linear, ReaderGainLinear):
+                linear.input_gain.uniform_(0.5, 2.0)
+    plain = LayerwiseForCausalLM(ModelConfig.from_preset("pre-rmsnorm", "tiny", **overrides)).double().eval()
+    state = {}
+    for name, tensor in hg.state_dict().items():
+        if name.endswith(".input_gain"):
+            continue
+        gain = hg.state_dict().get(name.replace(".weight", ".input_gain"))
+        state[name] = tensor * gain[None, :] if name.endswith(".weight") and gain is not None else tensor
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    assert not unexpected and missing and all(".norm_in.weight" in name for name in missing)  # they stay 1
+    return hg, plain
+
+
+def test_hg_gives_q_k_v_gate_and_up_their_own_gain_and_the_norms_none():
+    from layerwise.nn.norms import GainFreeRMSNorm, ReaderGainLinear
+
+    model = LayerwiseForCausalLM(ModelConfig.from_preset("pre-rmsnorm", "tiny", heterogeneous_gains=True))
+    layer = model.model.layers[0]
+    assert isinstance(layer.attn.norm_in, GainFreeRMSNorm) and isinstance(layer.mlp.norm_in, GainFreeRMSNorm)
+    readers = [layer.attn.fn.q_proj, layer.attn.fn.k_proj, layer.attn.fn.v_proj, layer.mlp.fn.gate_proj,
+               layer.mlp.fn.up_proj]
+    assert all(isinstance(r, ReaderGainLinear) and torch.equal(r.input_gain, torch.ones(128)) for r in readers)
+    assert len({id(r.input_gain) for r in readers}) == 5
+    assert not isinstance(layer.attn.fn.o_proj, ReaderGainLinear) and not isinstance(layer.mlp.fn.down_proj,
+                                                                                     ReaderGainLinear)
+    assert model.model.norm.weight.shape == (128,)  # the final norm has one reader, the head: unchanged
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(norm_placement="peri"), dict(mlp="gelu", bias=True)])
+def test_hg_equals_the_shared_gain_model_with_each_gain_folded_into_its_reader(overrides):
+    hg, plain = _hg_and_folded(**overrides)
+    ids = torch.randint(0, 256, (2, 12))
+    torch.testing.assert_close(hg(ids).logits, plain(ids).logits, **TIGHT)
+
+
+def test_hg_gains_are_decayed_only_under_iwd():
+    plain = LayerwiseForCausalLM(ModelConfig.from_preset("pre-rmsnorm", "tiny", heterogeneous_gains=True))
+    iwd = LayerwiseForCausalLM(ModelConfig.from_preset("pre-rmsnorm", "tiny", heterogeneous_gains=True,
+                                                       norm_gain_decay="input"))
+    assert not {n for n in _decayed_names(plain) if n.endswith("input_gain")}
+    gains = {n for n, _ in iwd.named_parameters() if n.endswith("input_gain")}
+    assert len(gains) == 4 * 5 and gains <= _decayed_names(iwd)
+
+
+def test_hg_cached_generate_equals_greedy_full_forwards():
+    model = tiny_model("hg")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    prompt = torch.randint(0, 256, (2, 7))
+    generated = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(generated, greedy_by_full_forwards(model, prompt, 12))
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(norm="layernorm"), r"heterogeneous_gains=True splits an RMSNorm's gain .* use norm='rmsnorm'"),
+    (dict(norm_placement="post"), r"heterogeneous_gains=True .* norm_placement='post' does not have"),
+    (dict(value_residual="satformer"), r"heterogeneous_gains=True would leave the satformer value residual"),
+])
+def test_hg_refuses_what_it_cannot_split(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.from_preset("pre-rmsnorm", "tiny", heterogeneous_gains=True, **overrides)
+
+
+def test_hg_models_are_not_written_as_llama_nor_quantized():
+    from layerwise.arch.state_dict import hf_config
+    from layerwise.errors import UserError
+    from layerwise.transform.quantize import check_quantizable, parse_bit_spec
+
+    model = tiny_model("hg")
+    with pytest.raises(UserError, match="heterogeneous_gains=True as llama"):
+        hf_config(model.config, "llama")
+    with pytest.raises(ValueError, match="heterogeneous_gains=True"):
+        check_quantizable(model, parse_bit_spec("4"))

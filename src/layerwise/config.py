@@ -74,6 +74,9 @@ class ModelConfig(PreTrainedConfig):
     # IWD (Wang et al.): "input" decays the gains of the norms a linear reads (pre-sublayer and final), never
     # those after a sublayer, on the embedding or on Q/K; "none": no norm gain is decayed (unless decay_all).
     norm_gain_decay: str = "none"  # none | input
+    # HG (Wang et al.): each linear that reads a pre-sublayer RMSNorm (q, k, v; gate, up) has its own gain
+    # instead of sharing the norm's.
+    heterogeneous_gains: bool = False
     norm_placement: str = "pre"  # pre | post | peri | mixln | deepnorm
     embedding_norm: bool = False  # Peri-LN's optional norm on the embedding output
     mixln_ratio: float = 0.25  # Mix-LN: the first floor(ratio * L) layers are Post-LN

@@ -72,6 +72,9 @@ PRESETS: dict[str, Preset] = {
                dict(norm="ssrmsnorm")),
         Preset("iwd", "Input-Norm weight decay (Wang et al., arXiv 2605.26895, 'Negligible in Size, Significant in "
                "Effect'): decay the gains of the norms a linear reads, not the others'", dict(norm_gain_decay="input")),
+        Preset("hg", "Heterogeneous gains (Wang et al., arXiv 2605.26895, 'Negligible in Size, Significant in "
+               "Effect', HG): q, k, v, gate and up each read the pre-sublayer RMSNorm through their own gain",
+               dict(heterogeneous_gains=True)),
         Preset("attnres", "Full Attention Residuals (Kimi Team, arXiv 2603.15031)", dict(residual="full_attnres")),
         Preset("block-attnres", "Block Attention Residuals (Kimi Team, arXiv 2603.15031): whole layers per block, "
                "the number of blocks dividing L nearest the paper's 8",

@@ -49,6 +49,43 @@ def mean_square(x: torch.Tensor) -> torch.Tensor:
     return at_least_float32(x).pow(2).mean(-1, keepdim=True)
 
 
+class GainFreeRMSNorm(Norm):
+    """x / sqrt(mean(x^2) + eps): a pre-sublayer RMSNorm under HG (Wang et al., arXiv 2605.26895), whose gain
+    each of its readers holds as its own `ReaderGainLinear.input_gain`."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x):
+        return rms_normalize(x, self.eps)
+
+
+class ReaderGainLinear(nn.Linear):
+    """HG (Wang et al., arXiv 2605.26895): a linear that reads a gain-free norm through its own gain, W (g * x) + b.
+
+    The q, k, v (gate, up) projections then each hold a gamma instead of sharing the norm's: the same function
+    class (each g folds into its W), a different optimisation. Under IWD the gain is decayed like an Input-Norm's.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, decayed: bool = False):
+        super().__init__(in_features, out_features, bias=bias)
+        self.input_gain = nn.Parameter(torch.ones(in_features))
+        self.decayed_parameters = ("input_gain",) if decayed else ()
+
+    def forward(self, x):
+        return super().forward(self.input_gain * x)
+
+
+def give_readers_own_gains(fn: nn.Module, cfg) -> None:
+    """Replace each input projection of sublayer `fn` by a `ReaderGainLinear` of the same shape (HG)."""
+    readers = {id(p) for p in fn.input_projections()}
+    for name, child in list(fn.named_children()):
+        if id(child) in readers:
+            setattr(fn, name, ReaderGainLinear(child.in_features, child.out_features, bias=child.bias is not None,
+                                               decayed=cfg.norm_gain_decay == "input"))
+
+
 # The roles whose output a linear map reads directly (the sublayer's input projections, the head): Wang et al.'s
 # "Input-Norms". The others (after a sublayer, on the embedding) and QK-norm are their "Output-Norms".
 INPUT_NORM_ROLES = ("attn_in", "mlp_in", "final")
@@ -59,6 +96,8 @@ def build_norm(cfg, role: str, dim: int | None = None) -> nn.Module:
 
     Under `norm_gain_decay="input"` (IWD, Wang et al., arXiv 2605.26895) the gain of an Input-Norm is decayed
     and an Output-Norm's is not: only an Input-Norm's gain could be absorbed into the linear that reads it."""
+    if cfg.heterogeneous_gains and role in ("attn_in", "mlp_in"):
+        return GainFreeRMSNorm(dim or cfg.d_model, eps=cfg.norm_eps)  # its readers hold the gains
     norm = NORMS.get(cfg.norm).from_config(dim or cfg.d_model, cfg, role)
     if cfg.norm_gain_decay == "input" and role in INPUT_NORM_ROLES:
         norm.decayed_parameters = (*norm.decayed_parameters, "weight")
