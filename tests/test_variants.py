@@ -19,6 +19,7 @@ from layerwise.presets import PRESETS, SIZES
 FLAGS = {
     ("norm", "layernorm"): (False, True, True),
     ("norm", "rmsnorm"): (False, True, True),
+    ("norm", "ssrmsnorm"): (False, True, True),
     ("norm", "dyt"): (False, True, True),
     ("norm", "bhyt"): (False, True, True),
     ("norm", "seednorm"): (False, True, True),

@@ -68,9 +68,15 @@ class ModelConfig(PreTrainedConfig):
     scaled_init: bool = False  # GPT-2 / Megatron: output projections use init_std / sqrt(2 L)
 
     # Normalization
-    norm: str = "rmsnorm"  # layernorm | rmsnorm | crmsnorm | dyt | bhyt | seednorm | frozen | fakeln
+    norm: str = "rmsnorm"  # layernorm | rmsnorm | ssrmsnorm | crmsnorm | dyt | bhyt | seednorm | frozen | fakeln
     norm_eps: float = 1e-6
     norm_bias: bool = True  # beta in layernorm / dyt / frozen
+    # IWD (Wang et al.): "input" decays the gains of the norms a linear reads (pre-sublayer and final), never
+    # those after a sublayer, on the embedding or on Q/K; "none": no norm gain is decayed (unless decay_all).
+    norm_gain_decay: str = "none"  # none | input
+    # HG (Wang et al.): each linear that reads a pre-sublayer RMSNorm (q, k, v; gate, up) has its own gain
+    # instead of sharing the norm's.
+    heterogeneous_gains: bool = False
     norm_placement: str = "pre"  # pre | post | peri | mixln | deepnorm
     embedding_norm: bool = False  # Peri-LN's optional norm on the embedding output
     mixln_ratio: float = 0.25  # Mix-LN: the first floor(ratio * L) layers are Post-LN

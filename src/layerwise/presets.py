@@ -73,6 +73,14 @@ PRESETS: dict[str, Preset] = {
         Preset("bhyt-residual-aware", "BHyT (Byun et al., arXiv 2601.09719), var_approx residual_aware: v (1 + beta) "
                "+ alpha c lambda^2 / kappa^2", dict(norm="bhyt", bhyt_var_approx="residual_aware")),
         Preset("seednorm", "SeeDNorm (Cai et al., ICLR 2026), single head, alpha0 1", dict(norm="seednorm")),
+        Preset("ssrmsnorm", "Single-Scale RMSNorm (Park et al., ACL 2025, 'Outlier-Safe Pre-Training'): one scalar "
+               "gain in every RMSNorm, final norm included; OSP's EmbProj and Muon are not part of it",
+               dict(norm="ssrmsnorm")),
+        Preset("iwd", "Input-Norm weight decay (Wang et al., arXiv 2605.26895, 'Negligible in Size, Significant in "
+               "Effect'): decay the gains of the norms a linear reads, not the others'", dict(norm_gain_decay="input")),
+        Preset("hg", "Heterogeneous gains (Wang et al., arXiv 2605.26895, 'Negligible in Size, Significant in "
+               "Effect', HG): q, k, v, gate and up each read the pre-sublayer RMSNorm through their own gain",
+               dict(heterogeneous_gains=True)),
         Preset("attnres", "Full Attention Residuals (Kimi Team, arXiv 2603.15031)", dict(residual="full_attnres")),
         Preset("block-attnres", "Block Attention Residuals (Kimi Team, arXiv 2603.15031): whole layers per block, "
                "the number of blocks dividing L nearest the paper's 8",

@@ -43,6 +43,10 @@ def validate_config(cfg) -> None:
     # A value outside its field's domain is a mistake even where no selected variant reads the field.
     if not 0.0 <= cfg.mixln_ratio <= 1.0:
         fail("mixln_ratio", cfg.mixln_ratio, "must lie in [0, 1]")
+    if cfg.norm_gain_decay not in ("none", "input"):
+        fail("norm_gain_decay", cfg.norm_gain_decay, "is not one of none, input (IWD)")
+    if cfg.heterogeneous_gains:
+        _validate_heterogeneous_gains(cfg)
     if cfg.seednorm_heads < 1 or cfg.d_model % cfg.seednorm_heads:
         fail("seednorm_heads", cfg.seednorm_heads, f"must divide d_model={cfg.d_model}")
     BHYT_VARIANCE_APPROXIMATIONS.get(cfg.bhyt_var_approx)
@@ -71,6 +75,20 @@ def validate_config(cfg) -> None:
     # Rules that belong to a variant (AttnRes needs an additive placement, BHyT's parallel form needs Pre-LN,
     # ...) live on its class; fields that only unselected variants read warn that they have no effect.
     validate_variants(cfg)
+
+
+def _validate_heterogeneous_gains(cfg) -> None:
+    from .nn.registry import variant_of
+
+    if cfg.norm != "rmsnorm":
+        fail("heterogeneous_gains", True, f"splits an RMSNorm's gain among its readers, and norm={cfg.norm!r} is "
+             "not RMSNorm; use norm='rmsnorm'")
+    if not variant_of(cfg, "norm_placement").pre_sublayer_norms:
+        fail("heterogeneous_gains", True, f"splits the gains of pre-sublayer norms, which norm_placement="
+             f"{cfg.norm_placement!r} does not have; use norm_placement='pre' or 'peri'")
+    if cfg.value_residual != "none":
+        fail("heterogeneous_gains", True, f"would leave the {cfg.value_residual} value residual reading the "
+             "attention-input norm without a gain; use value_residual='none'")
 
 
 def _index_list(cfg, field: str) -> list[int] | None:

@@ -150,6 +150,7 @@ _LLAMA_SHAPE = (
     ("embedding_norm", False, "it has no embedding norm"),
     ("position_embedding", "rope", "its positions are rotary"),
     ("lm_head_bias", False, "its head has no bias"),
+    ("heterogeneous_gains", False, "its projections share their norm's gain"),
 )
 
 

@@ -8,7 +8,8 @@ from torch import nn
 from .attention import CausalSelfAttention
 from .hooks import HookPoint
 from .mlp import build_mlp
-from .norms import BHYT_VARIANCE_APPROXIMATIONS, BHyT, attention_output_gain, build_norm, lns_scale, mean_square
+from .norms import (BHYT_VARIANCE_APPROXIMATIONS, BHyT, attention_output_gain, build_norm, give_readers_own_gains,
+                    lns_scale, mean_square)
 from .placement import SublayerLayout, layer_layouts
 from .registry import variant_of
 
@@ -68,6 +69,8 @@ class Layer(nn.Module):
     def _sublayer(cfg, fn, layout, kind, scale):
         norm_in = build_norm(cfg, f"{kind}_in") if layout.norm_in else None
         norm_out = build_norm(cfg, f"{kind}_out") if layout.norm_out else None
+        if cfg.heterogeneous_gains and norm_in is not None:
+            give_readers_own_gains(fn, cfg)
         return Sublayer(fn, layout, norm_in, norm_out, depth_scale=scale)
 
     def forward(self, x, ctx):

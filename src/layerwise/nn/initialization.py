@@ -19,7 +19,7 @@ from .attention import CausalSelfAttention
 from .block import BHyTParallelLayer
 from .mlp import MLP
 from .norms import (BetaVarianceApproximation, BHyT, DyT, EtaVarianceApproximation, FrozenScaleNorm, Norm,
-                    ResidualAwareVarianceApproximation, SeeDNorm, TrackedStd)
+                    ReaderGainLinear, ResidualAwareVarianceApproximation, SeeDNorm, TrackedStd)
 from .positions import LearnedPositions
 from .registry import variant_of
 from .residual import DeltaRoutedScheme, DepthAttention, LearnableAlphaGate, SigmoidScalarGate, SigmoidVectorGate
@@ -84,7 +84,8 @@ def parameter_groups(model: nn.Module) -> list[InitGroup]:
         InitGroup("MLP output projections", [(m.output_projection(), "weight") for m in mlps],
                   Normal(out_std / divisor)),
         InitGroup("projection biases", [(p, "bias") for p in projections if p.bias is not None], Constant(0.0)),
-        InitGroup("norm gains", [(n, "weight") for n in of(Norm)], Constant(1.0)),
+        InitGroup("norm gains", [(n, "weight") for n in of(Norm) if hasattr(n, "weight")], Constant(1.0)),
+        InitGroup("HG reader gains", [(p, "input_gain") for p in of(ReaderGainLinear)], Constant(1.0)),
         InitGroup("norm biases", [(n, "bias") for n in of(Norm) if getattr(n, "bias", None) is not None],
                   Constant(0.0)),
         InitGroup("DyT alpha", [(n, "alpha") for n in of(DyT)], Constant("alpha0")),

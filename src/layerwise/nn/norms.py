@@ -26,6 +26,9 @@ class Norm(Variant, nn.Module):
     # The output is weight * f(x) (+ bias) with f free of both, so weight and bias fold into the linears that
     # read the norm (`layerwise.transform.norms`); SeeDNorm's gain depends on x and does not.
     affine_output: bool = True
+    # Parameters that weight decay applies to although they are vectors (the optimizer exempts vectors by
+    # default); a class lists its paper's choice, and `build_norm` adds the gain of an Input-Norm under IWD.
+    decayed_parameters: tuple[str, ...] = ()
 
     @classmethod
     def layer_class(cls, cfg) -> type[nn.Module]:
@@ -46,9 +49,59 @@ def mean_square(x: torch.Tensor) -> torch.Tensor:
     return at_least_float32(x).pow(2).mean(-1, keepdim=True)
 
 
+class GainFreeRMSNorm(Norm):
+    """x / sqrt(mean(x^2) + eps): a pre-sublayer RMSNorm under HG (Wang et al., arXiv 2605.26895), whose gain
+    each of its readers holds as its own `ReaderGainLinear.input_gain`."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x):
+        return rms_normalize(x, self.eps)
+
+
+class ReaderGainLinear(nn.Linear):
+    """HG (Wang et al., arXiv 2605.26895): a linear that reads a gain-free norm through its own gain, W (g * x) + b.
+
+    The q, k, v (gate, up) projections then each hold a gamma instead of sharing the norm's: the same function
+    class (each g folds into its W), a different optimisation. Under IWD the gain is decayed like an Input-Norm's.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, decayed: bool = False):
+        super().__init__(in_features, out_features, bias=bias)
+        self.input_gain = nn.Parameter(torch.ones(in_features))
+        self.decayed_parameters = ("input_gain",) if decayed else ()
+
+    def forward(self, x):
+        return super().forward(self.input_gain * x)
+
+
+def give_readers_own_gains(fn: nn.Module, cfg) -> None:
+    """Replace each input projection of sublayer `fn` by a `ReaderGainLinear` of the same shape (HG)."""
+    readers = {id(p) for p in fn.input_projections()}
+    for name, child in list(fn.named_children()):
+        if id(child) in readers:
+            setattr(fn, name, ReaderGainLinear(child.in_features, child.out_features, bias=child.bias is not None,
+                                               decayed=cfg.norm_gain_decay == "input"))
+
+
+# The roles whose output a linear map reads directly (the sublayer's input projections, the head): Wang et al.'s
+# "Input-Norms". The others (after a sublayer, on the embedding) and QK-norm are their "Output-Norms".
+INPUT_NORM_ROLES = ("attn_in", "mlp_in", "final")
+
+
 def build_norm(cfg, role: str, dim: int | None = None) -> nn.Module:
-    """The norm named by `cfg.norm` for `role`; BHyT's final norm may fall back to RMSNorm (see BHyT)."""
-    return NORMS.get(cfg.norm).from_config(dim or cfg.d_model, cfg, role)
+    """The norm named by `cfg.norm` for `role`; BHyT's final norm may fall back to RMSNorm (see BHyT).
+
+    Under `norm_gain_decay="input"` (IWD, Wang et al., arXiv 2605.26895) the gain of an Input-Norm is decayed
+    and an Output-Norm's is not: only an Input-Norm's gain could be absorbed into the linear that reads it."""
+    if cfg.heterogeneous_gains and role in ("attn_in", "mlp_in"):
+        return GainFreeRMSNorm(dim or cfg.d_model, eps=cfg.norm_eps)  # its readers hold the gains
+    norm = NORMS.get(cfg.norm).from_config(dim or cfg.d_model, cfg, role)
+    if cfg.norm_gain_decay == "input" and role in INPUT_NORM_ROLES:
+        norm.decayed_parameters = (*norm.decayed_parameters, "weight")
+    return norm
 
 
 def per_role(cfg, role: str, prefix: str):
@@ -95,6 +148,20 @@ class RMSNorm(Norm):
 
     def forward(self, x):
         return self.weight * rms_normalize(x, self.eps)
+
+
+@register_norm("ssrmsnorm")
+class SingleScaleRMSNorm(RMSNorm):
+    """Single-Scale RMSNorm (Park et al., ACL 2025, Outlier-Safe Pre-Training): s * x / sqrt(mean(x^2) + eps).
+
+    One learnable scalar s (init 1, the "norm gains" init) instead of RMSNorm's per-channel gamma: a
+    per-channel gain, under Adam above all, lets privileged channels grow the activation outliers that break
+    low-bit quantization. Stored 1-D, shape (1,), so FSDP2 can shard it and folding broadcasts it.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__(dim, eps=eps)
+        self.weight = nn.Parameter(torch.ones(1))
 
 
 @register_norm("crmsnorm")

@@ -15,10 +15,10 @@ def no_decay(name: str, param: torch.Tensor) -> bool:
 
 
 def declared_decayed(model: nn.Module) -> set[int]:
-    """ids of the parameters whose module lists them in its `decayed_parameters` class attribute: a module
-    whose paper prescribes weight decay on a vector (SeeDNorm's alpha and beta) says so itself."""
+    """ids of the parameters whose module lists them in its `decayed_parameters`: a module whose paper
+    prescribes weight decay on a vector (SeeDNorm's alpha and beta, an Input-Norm's gain under IWD) says so."""
     return {id(getattr(module, name)) for module in model.modules()
-            for name in getattr(type(module), "decayed_parameters", ())
+            for name in getattr(module, "decayed_parameters", ())
             if getattr(module, name, None) is not None}
 
 

@@ -74,6 +74,9 @@ def check_quantizable(model: nn.Module, spec: BitSpec) -> None:
     """ValueError naming the reason when `model` cannot take `spec`."""
     if is_quantized(model):
         raise ValueError("the model is quantized already; quantize its float version once")
+    if getattr(model.config, "heterogeneous_gains", False):
+        raise ValueError("the model's projections hold their own input gains (heterogeneous_gains=True), which the "
+                         "quantized linears would drop; quantize a model with shared norm gains")
     layers = stored_layers(model)
     seen: set[int] = set()
     shared = False
