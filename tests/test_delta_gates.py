@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 import transformers
-from conftest import tiny_model
+from conftest import greedy_without_cache, tiny_model
 
 from layerwise import LayerwiseForCausalLM, ModelConfig
 from layerwise.nn.hooks import capture
@@ -308,14 +308,12 @@ def test_option_save_then_auto_from_pretrained_gives_bit_identical_logits(name, 
 
 @pytest.mark.parametrize("name", sorted(OPTIONS))
 def test_option_cached_generate_equals_greedy_full_forwards(name):
-    from test_hf import greedy_by_full_forwards
-
     model = _option_model(name)
     with torch.no_grad():
         model.lm_head.weight.mul_(20)
     prompt = torch.randint(0, 256, (2, 6))
     generated = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    assert torch.equal(generated, greedy_by_full_forwards(model, prompt, 8))
+    assert torch.equal(generated, greedy_without_cache(model, prompt, 8))
 
 
 @pytest.mark.parametrize("name", sorted(OPTIONS))

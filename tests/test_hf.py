@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import transformers
-from conftest import tiny_model
+from conftest import greedy_without_cache, tiny_model
 from safetensors import safe_open
 
 import layerwise  # noqa: F401  (registers model_type "layerwise")
@@ -40,14 +40,6 @@ def test_saved_weights_are_plain_safetensors_with_a_tied_head(tmp_path):
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
 
 
-def greedy_by_full_forwards(model, ids, n):
-    for _ in range(n):
-        with torch.no_grad():
-            nxt = model(ids).logits[:, -1].argmax(-1, keepdim=True)
-        ids = torch.cat([ids, nxt], dim=1)
-    return ids
-
-
 @pytest.mark.parametrize("name", ["pre-ln", "peri-ln", "bhyt", "attnres", "block-attnres", "delta-attnres",
                                   "delta-block-attnres", "delta-block-attnres-released", "resformer", "satformer",
                                   "dyt"])
@@ -59,7 +51,7 @@ def test_cached_generate_equals_greedy_full_forwards(name):
     prompt = torch.randint(0, 256, (2, 7))
     generated = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
     assert generated.shape == (2, 19)
-    assert torch.equal(generated, greedy_by_full_forwards(model, prompt, 12))
+    assert torch.equal(generated, greedy_without_cache(model, prompt, 12))
 
 
 def test_chunked_prefill_with_cache_matches_one_full_forward():

@@ -3,8 +3,7 @@ Wang et al. (arXiv 2605.26895), checked in float64 against the papers' formulas.
 
 import pytest
 import torch
-from conftest import tiny_model
-from test_hf import greedy_by_full_forwards
+from conftest import greedy_without_cache, tiny_model
 
 from layerwise import LayerwiseForCausalLM, ModelConfig
 from layerwise.nn.initialization import Constant, init_of
@@ -75,7 +74,7 @@ def test_ssrmsnorm_cached_generate_equals_greedy_full_forwards():
         model.lm_head.weight.mul_(20)  # sharp logits: greedy choices not decided by rounding noise
     prompt = torch.randint(0, 256, (2, 7))
     generated = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
-    assert torch.equal(generated, greedy_by_full_forwards(model, prompt, 12))
+    assert torch.equal(generated, greedy_without_cache(model, prompt, 12))
 
 
 def _decayed_names(model, weight_decay=0.1):
@@ -191,7 +190,7 @@ def test_hg_cached_generate_equals_greedy_full_forwards():
         model.lm_head.weight.mul_(20)
     prompt = torch.randint(0, 256, (2, 7))
     generated = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
-    assert torch.equal(generated, greedy_by_full_forwards(model, prompt, 12))
+    assert torch.equal(generated, greedy_without_cache(model, prompt, 12))
 
 
 @pytest.mark.parametrize("overrides, match", [

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from conftest import tiny_model
+from conftest import greedy_without_cache, tiny_model
 
 from layerwise import LayerwiseForCausalLM, ModelConfig
 from layerwise.errors import UserError
@@ -126,13 +126,6 @@ def test_token_by_token_decoding_with_the_cache_equals_the_full_forward(name):
     torch.testing.assert_close(torch.cat(steps, 1), full, **TIGHT)
 
 
-def _greedy_by_full_forwards(model, ids, n):
-    for _ in range(n):
-        with torch.no_grad():
-            nxt = model(ids).logits[:, -1].argmax(-1, keepdim=True)
-        ids = torch.cat([ids, nxt], dim=1)
-    return ids
-
 
 @pytest.mark.parametrize("name", SATFORMER_PRESETS + BHYT_PRESETS)
 def test_cached_generate_equals_greedy_full_forwards(name):
@@ -141,7 +134,7 @@ def test_cached_generate_equals_greedy_full_forwards(name):
         model.lm_head.weight.mul_(20)  # sharpen random logits so greedy choices are not rounding noise
     prompt = torch.randint(0, 256, (2, 7))
     generated = model.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)
-    assert torch.equal(generated, _greedy_by_full_forwards(model, prompt, 10))
+    assert torch.equal(generated, greedy_without_cache(model, prompt, 10))
 
 
 @pytest.mark.parametrize("name", SATFORMER_PRESETS + BHYT_PRESETS)
