@@ -18,8 +18,8 @@ default), "fast" or "reference", from `use(...)` or else the environment variabl
   and `mixer_input` adds it. Full AttnRes is the one-sublayer-per-block case. `depth_mix` sums the sources one
   by one (no stacked copy) outside autograd, and `mixer_input` saves only per-token weights and references to
   the sources, so training keeps no [mixers, B, T, d] mixture for backward. Eager decoding (T = 1, a few
-  tokens) is launch-bound, and the fast path's extra small ops made it slower there (CPU, d = 384, batch 8: 60
-  vs 48 ms per token), hence the token threshold.
+  tokens) is launch-bound, and the fast path's extra small ops made it slower there (CPU, d = 384, batch 8: 11.9
+  vs 10.6 ms per token, bench/inference.py), hence the token threshold.
 """
 
 from __future__ import annotations
