@@ -21,6 +21,7 @@ from ..config import ModelConfig
 from ..errors import UserError
 from ..model import LayerwiseForCausalLM
 from ..nn.block import refresh_attention_gains
+from ..nn.schedule import set_training_step
 from ..runs import TOKENIZER, sha256_of
 from . import distributed as dist_infra
 from .card import checkpoint_card
@@ -131,11 +132,23 @@ class TrainerCallback:
         pass
 
 
+class ModelStepSchedule(TrainerCallback):
+    """Drives the model's own step schedules (`layerwise.nn.schedule`: PRepBN's decay, running-statistics
+    warm-ups); every run has it, and it does nothing for a model without one."""
+
+    def prepare(self, model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
+        self.total_steps = cfg.total_steps
+        return model
+
+    def on_step_start(self, step: int, model: torch.nn.Module) -> None:
+        set_training_step(model, step, self.total_steps)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, console: Console | None = None,
                  callbacks: list[TrainerCallback] | tuple = ()):
         self.cfg = cfg
-        self.callbacks = list(callbacks)
+        self.callbacks = [ModelStepSchedule(), *callbacks]
         self.console = console or Console()
         self.rt = dist_infra.setup(cfg.device)
         if cfg.threads:

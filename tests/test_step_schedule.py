@@ -1,0 +1,43 @@
+"""The trainer drives a model's own step schedules (layerwise.nn.schedule): every step, and the same on resume."""
+
+import torch
+from torch import nn
+
+from layerwise.nn.schedule import scheduled_modules, set_training_step, steps_of
+from layerwise.train.trainer import ModelStepSchedule
+
+
+class Recorder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("step", torch.tensor(-1))
+        self.seen = []
+
+    def set_training_step(self, step, total_steps):
+        self.step.fill_(step)
+        self.seen.append((step, total_steps))
+
+
+def test_steps_of_reads_fractions_and_counts_like_warmup():
+    assert steps_of(0.25, 120) == 30
+    assert steps_of(0.0, 120) == 0
+    assert steps_of(40, 120) == 40
+    assert steps_of(1, 120) == 1
+
+
+def test_every_scheduled_module_is_set_including_nested_ones():
+    model = nn.Sequential(nn.Linear(2, 2), Recorder(), nn.Sequential(Recorder()))
+    assert len(scheduled_modules(model)) == 2
+    set_training_step(model, 7, 10)
+    assert [m.seen for m in scheduled_modules(model)] == [[(7, 10)], [(7, 10)]]
+
+
+def test_the_trainer_callback_passes_the_runs_total_steps():
+    class Cfg:
+        total_steps = 123
+
+    model = nn.Sequential(Recorder())
+    callback = ModelStepSchedule()
+    assert callback.prepare(model, Cfg()) is model
+    callback.on_step_start(5, model)
+    assert model[0].seen == [(5, 123)] and int(model[0].step) == 5
