@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from layerwise.compare import compare
 from layerwise.train.config import TrainConfig
 
@@ -21,3 +23,26 @@ def test_compare_trains_each_preset_on_identical_batches_and_writes_table_and_pl
     assert (out / "pre-ln-seed1" / "metrics.jsonl").exists()
     again = compare(["pre-ln", "lns"], [0, 1], base, tmp_path / "cmp")  # finished runs are reused, not retrained
     assert again["rows"] == report["rows"]
+
+
+def _summaries(losses):
+    return [dict(final_val_loss=x, best_val_loss=x, tokens_per_s=1.0, tokens=100) for x in losses]
+
+
+def test_each_row_says_how_far_it_is_from_the_first_preset_and_whether_that_exceeds_the_seed_spread():
+    from layerwise.report.comparison import aggregate, markdown_table
+
+    runs = {"base": _summaries([3.0, 3.1, 3.2]),      # mean 3.1, std 0.1
+            "close": _summaries([3.05, 3.15, 3.25]),  # 0.05 worse: inside 0.1 + 0.1
+            "far": _summaries([2.7, 2.8, 2.9])}       # 0.3 better: beyond 0.1 + 0.1
+    rows = {r["preset"]: r for r in aggregate(runs, {k: 1 for k in runs})}
+    assert rows["far"]["delta_vs_baseline"] == pytest.approx(-0.3)
+    assert rows["close"]["delta_vs_baseline"] == pytest.approx(0.05)
+    assert (rows["base"]["beyond_seed_spread"], rows["close"]["beyond_seed_spread"],
+            rows["far"]["beyond_seed_spread"]) == (None, False, True)
+    table = markdown_table(list(rows.values()))
+    assert "vs base" in table.splitlines()[0]
+    assert "| far | 0.00M | 2.8000 ± 0.1000 | -0.3000 | yes |" in table
+    assert "| close | 0.00M | 3.1500 ± 0.1000 | +0.0500 | no |" in table
+    one_seed = aggregate({"base": _summaries([3.0]), "far": _summaries([2.0])}, {"base": 1, "far": 1})
+    assert [r["beyond_seed_spread"] for r in one_seed] == [None, None]  # no spread to exceed

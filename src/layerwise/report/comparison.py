@@ -13,7 +13,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def aggregate(runs: dict[str, list[dict]], params: dict[str, int]) -> list[dict]:
-    """One row per variant: mean and std over seeds, sorted by final validation loss."""
+    """One row per variant: mean and std over seeds, sorted by final validation loss; each with its difference
+    from the baseline, the first variant in `runs` (`beyond_seed_spread`: see `beyond_seed_spread`)."""
     rows = []
     for name, summaries in runs.items():
         final_mean, final_std = _mean_std([s["final_val_loss"] for s in summaries])
@@ -23,7 +24,20 @@ def aggregate(runs: dict[str, list[dict]], params: dict[str, int]) -> list[dict]
                      "final_val_loss": final_mean, "final_val_loss_std": final_std, "best_val_loss": best_mean,
                      "val_ppl": math.exp(min(final_mean, 700.0)), "tokens": summaries[0]["tokens"],  # no overflow
                      "tokens_per_s": statistics.fmean(speeds) if speeds else None})
+    base = rows[0] if rows else None
+    for r in rows:
+        r["baseline"] = base["preset"]
+        r["delta_vs_baseline"] = r["final_val_loss"] - base["final_val_loss"]
+        r["beyond_seed_spread"] = beyond_seed_spread(r, base)
     return sorted(rows, key=lambda r: r["final_val_loss"])
+
+
+def beyond_seed_spread(row: dict, base: dict) -> bool | None:
+    """Whether two variants' mean +/- std intervals of final validation loss are disjoint: the difference is
+    larger than the two seed spreads together. None with one seed (no spread) or for the baseline itself."""
+    if row is base or row["seeds"] < 2 or base["seeds"] < 2:
+        return None
+    return abs(row["final_val_loss"] - base["final_val_loss"]) > row["final_val_loss_std"] + base["final_val_loss_std"]
 
 
 def _perplexity(value: float) -> str:
@@ -32,13 +46,17 @@ def _perplexity(value: float) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| preset | params | final val loss | best val loss | val ppl | tokens | tokens/s |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    base = rows[0].get("baseline", "") if rows else ""
+    lines = [f"| preset | params | final val loss | vs {base} | beyond seed spread | best val loss | val ppl | tokens "
+             "| tokens/s |",
+             "|---|---:|---:|---:|:---:|---:|---:|---:|---:|"]
     for r in rows:
         spread = f" ± {r['final_val_loss_std']:.4f}" if r["seeds"] > 1 else ""
         speed = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-"
-        lines.append(f"| {r['preset']} | {r['params'] / 1e6:.2f}M | {r['final_val_loss']:.4f}{spread} | "
-                     f"{r['best_val_loss']:.4f} | {r['val_ppl']:.2f} | {r['tokens']:,} | {speed} |")
+        delta = "-" if r["preset"] == base or "delta_vs_baseline" not in r else f"{r['delta_vs_baseline']:+.4f}"
+        beyond = {True: "yes", False: "no", None: "-"}[r.get("beyond_seed_spread")]
+        lines.append(f"| {r['preset']} | {r['params'] / 1e6:.2f}M | {r['final_val_loss']:.4f}{spread} | {delta} | "
+                     f"{beyond} | {r['best_val_loss']:.4f} | {r['val_ppl']:.2f} | {r['tokens']:,} | {speed} |")
     return "\n".join(lines)
 
 
@@ -134,7 +152,9 @@ def plot_depth_profile(runs: dict[str, list[dict]], path: Path) -> None:
 def write_comparison(out: Path, runs: dict[str, list[dict]], params: dict[str, int], header: str = "") -> dict:
     rows = aggregate(runs, params)
     table = markdown_table(rows)
-    (out / "comparison.md").write_text(f"# Comparison\n\n{header}\n\n{table}\n\n"
+    legend = ("Final val loss: mean ± std over seeds. vs baseline: difference of the means from the first preset "
+              "listed; beyond seed spread: the two mean ± std intervals are disjoint.")
+    (out / "comparison.md").write_text(f"# Comparison\n\n{header}\n\n{table}\n\n{legend}\n\n"
                                        "![loss curves](loss_curves.png)\n\n![depth profile](depth_profile.png)\n")
     payload = {"rows": rows, "runs": {k: [{x: s[x] for x in ("run", "final_val_loss", "best_val_loss",
                                                              "tokens_per_s", "telemetry")} for s in v]
