@@ -41,3 +41,16 @@ def test_the_trainer_callback_passes_the_runs_total_steps():
     assert callback.prepare(model, Cfg()) is model
     callback.on_step_start(5, model)
     assert model[0].seen == [(5, 123)] and int(model[0].step) == 5
+
+
+def test_a_run_splitting_the_batch_says_so_when_a_norm_uses_batch_statistics():
+    from layerwise.train.trainer import batch_statistics_note
+
+    class BatchStatNorm(nn.Module):
+        batch_statistics = True
+
+    model = nn.Sequential(nn.Linear(2, 2), BatchStatNorm())
+    assert batch_statistics_note(model, micro_batch=8, batch_size=8) is None  # whole batches: nothing differs
+    note = batch_statistics_note(model, micro_batch=4, batch_size=8)
+    assert "BatchStatNorm" in note and "4 sequences" in note and "global batch of 8" in note
+    assert batch_statistics_note(nn.Sequential(nn.Linear(2, 2)), micro_batch=4, batch_size=8) is None

@@ -29,6 +29,9 @@ class Norm(Variant, nn.Module):
     # Parameters that weight decay applies to although they are vectors (the optimizer exempts vectors by
     # default); a class lists its paper's choice, and `build_norm` adds the gain of an Input-Norm under IWD.
     decayed_parameters: tuple[str, ...] = ()
+    # Training-mode outputs depend on statistics over the batch (BatchNorm-like norms): they then depend on how
+    # the batch is split over ranks and micro-batches, and positions see each other (future tokens included).
+    batch_statistics: bool = False
 
     @classmethod
     def layer_class(cls, cfg) -> type[nn.Module]:

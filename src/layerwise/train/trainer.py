@@ -132,6 +132,17 @@ class TrainerCallback:
         pass
 
 
+def batch_statistics_note(model: torch.nn.Module, micro_batch: int, batch_size: int) -> str | None:
+    """Why this run is not what one process on the whole batch would compute, or None: norms with batch
+    statistics normalise each rank's micro-batch by its own, like nn.BatchNorm1d without SyncBatchNorm."""
+    names = sorted({type(m).__name__ for m in model.modules() if getattr(m, "batch_statistics", False)})
+    if not names or micro_batch >= batch_size:
+        return None
+    return (f"{', '.join(names)} normalise each micro-batch of {micro_batch} sequences by its own batch statistics, "
+            f"not the global batch of {batch_size}: this run differs from one process on whole batches (running "
+            "statistics under DDP are rank 0's, broadcast each forward)")
+
+
 class ModelStepSchedule(TrainerCallback):
     """Drives the model's own step schedules (`layerwise.nn.schedule`: PRepBN's decay, running-statistics
     warm-ups); every run has it, and it does nothing for a model without one."""
@@ -254,6 +265,9 @@ class Trainer:
             console.print(f"{name or 'model'} ({n_params / 1e6:.2f}M params) on {rt.device} x{rt.world_size}; "
                           f"{total} steps x {cfg.tokens_per_step:,} tokens = {total * cfg.tokens_per_step:,} tokens; "
                           f"data {data.vocab_size} vocab, {len(data.train):,} train tokens")
+            note = batch_statistics_note(model, self.micro, cfg.batch_size)
+            if note:
+                console.print(f"[yellow]{note}")
             if rt.device.type == "cuda" and peak is None:
                 console.print(f"[yellow]unknown peak FLOP/s for {torch.cuda.get_device_name()}: MFU not reported")
 
