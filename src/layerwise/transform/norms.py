@@ -378,8 +378,11 @@ def fold_prepbn(model: nn.Module) -> nn.Module:
 
 def fold_prepbn_refusal(model: nn.Module) -> str | None:
     """Why `model`'s PRepBNs cannot be folded into their readers exactly, or None; asked before any weight changes."""
-    if getattr(getattr(model, "config", None), "norm", None) != "prepbn":
-        return "folds the norms of a layerwise model with norm='prepbn'; this model has none"
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "model_type", None) != "layerwise" or cfg.norm != "prepbn":
+        found = f"norm={cfg.norm!r}" if getattr(cfg, "model_type", None) == "layerwise" else \
+            f"a {getattr(cfg, 'model_type', type(model).__name__)!r} model"
+        return f"needs a layerwise model with norm='prepbn', not {found}"
     names = {id(module): name for name, module in model.named_modules()}
     for site in model_map(model).norms():
         if not _is_prepbn(site.norm):
