@@ -22,6 +22,8 @@ FLAGS = {
     ("norm", "ssrmsnorm"): (False, True, True),
     ("norm", "dyt"): (False, True, True),
     ("norm", "bhyt"): (False, True, True),
+    ("norm", "prepbn"): (False, True, True),
+    ("norm", "identity"): (False, True, True),
     ("norm", "seednorm"): (False, True, True),
     ("norm", "frozen"): (False, True, True),
     ("norm", "crmsnorm"): (False, True, True),

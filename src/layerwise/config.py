@@ -96,6 +96,10 @@ class ModelConfig(PreTrainedConfig):
     frozen_norm_sigma: float = 1.0
     fakeln_momentum: float = 0.9  # fakeln: EMA momentum of the tracked per-token std
     fakeln_eot_token_id: int | None = None  # fakeln: end-of-text tokens on the value path use the first position's std
+    # prepbn: the LN -> RepBN decay length T_total and the pure-LN period before it, each a fraction of the run if
+    # < 1 else a step count; 0.16 is the DeiT recipe's 60,000 of its ~375k steps.
+    prepbn_decay_steps: float = 0.16
+    prepbn_warmup_steps: float = 0.0
 
     # Residual scheme
     residual: str = "standard"  # standard | full_attnres | block_attnres | delta_attnres | delta_block_attnres

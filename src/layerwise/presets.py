@@ -76,6 +76,9 @@ PRESETS: dict[str, Preset] = {
         Preset("ssrmsnorm", "Single-Scale RMSNorm (Park et al., ACL 2025, 'Outlier-Safe Pre-Training'): one scalar "
                "gain in every RMSNorm, final norm included; OSP's EmbProj and Muon are not part of it",
                dict(norm="ssrmsnorm")),
+        Preset("prepbn", "PRepBN (Guo, Chen, Tang, Wang; ICML 2024, 'SLAB'): every norm, the final one included, "
+               "LayerNorm decaying linearly into RepBN = BatchNorm + eta x over the first 16% of the run",
+               dict(norm="prepbn", norm_eps=1e-5)),
         Preset("iwd", "Input-Norm weight decay (Wang et al., arXiv 2605.26895, 'Negligible in Size, Significant in "
                "Effect'): decay the gains of the norms a linear reads, not the others'", dict(norm_gain_decay="input")),
         Preset("hg", "Heterogeneous gains (Wang et al., arXiv 2605.26895, 'Negligible in Size, Significant in "

@@ -20,6 +20,7 @@ from .block import BHyTParallelLayer
 from .mlp import MLP
 from .norms import (BetaVarianceApproximation, BHyT, DyT, EtaVarianceApproximation, FrozenScaleNorm, Norm,
                     ReaderGainLinear, ResidualAwareVarianceApproximation, SeeDNorm, TrackedStd)
+from .norms import PRepBN
 from .positions import LearnedPositions
 from .registry import variant_of
 from .residual import DeltaRoutedScheme, DepthAttention, LearnableAlphaGate, SigmoidScalarGate, SigmoidVectorGate
@@ -103,6 +104,12 @@ def parameter_groups(model: nn.Module) -> list[InitGroup]:
                   Constant(0.0)),
         InitGroup("SeeDNorm alpha", [(n, "alpha") for n in of(SeeDNorm)], Constant("alpha0")),
         InitGroup("SeeDNorm beta", [(n, "beta") for n in of(SeeDNorm)], Constant(0.0)),  # SeeDNorm == RMSNorm
+        InitGroup("PRepBN BatchNorm gains", [(n, "bn_weight") for n in of(PRepBN)], Constant(1.0)),
+        InitGroup("PRepBN BatchNorm biases", [(n, "bn_bias") for n in of(PRepBN)], Constant(0.0)),
+        InitGroup("PRepBN eta", [(n, "eta") for n in of(PRepBN)], Constant(1.0)),  # RepBN = BN(x) + x at init
+        InitGroup("PRepBN running means", [(n, "running_mean") for n in of(PRepBN)], Constant(0.0)),
+        InitGroup("PRepBN running variances", [(n, "running_var") for n in of(PRepBN)], Constant(1.0)),
+        InitGroup("PRepBN LN weight lambda", [(n, "lam") for n in of(PRepBN)], Constant(1.0)),  # pure LN at step 0
         InitGroup("frozen norm scale sigma", [(n, "sigma") for n in of(FrozenScaleNorm)], Constant("sigma0")),
         # NaN: no std measured yet; the first training forward starts the EMA from its measurement.
         InitGroup("FakeLN tracked stds", [(t, name) for t in of(TrackedStd) for name in ("std", "std_bos")],

@@ -369,6 +369,114 @@ class SeeDNorm(Norm):
         return (self.weight + self.alpha * s) * rms_normalize(x, self.eps)
 
 
+def repbn(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+          eta: torch.Tensor, eps: float) -> torch.Tensor:
+    """RepBN (Guo et al., ICML 2024, SLAB): BN(x) + eta x, BN normalising each channel by the given statistics."""
+    xf = at_least_float32(x)
+    bn = gamma * (xf - mean) * torch.rsqrt(var + eps) + beta
+    return (bn + eta * xf).to(x.dtype)
+
+
+def prepbn_lambda(step: int, warmup_steps: int, decay_steps: int) -> float:
+    """PRepBN's LN weight (Guo et al., ICML 2024, SLAB): 1 during the warm-up, then linear to 0 over the decay."""
+    if step < warmup_steps:
+        return 1.0
+    if decay_steps == 0:
+        return 0.0
+    return max(0.0, 1.0 - (step - warmup_steps) / decay_steps)
+
+
+@register_norm("prepbn")
+class PRepBN(Norm):
+    """Progressive re-parameterised BatchNorm (Guo, Chen, Tang, Wang; ICML 2024, SLAB):
+    lambda LN(x) + (1 - lambda) RepBN(x), lambda decaying from 1 to 0 with the training step.
+
+    RepBN(x) = BN(x) + eta x: BatchNorm over channels with statistics over every token of the batch, in
+    float32; running mean and unbiased variance are kept like `nn.BatchNorm1d` (momentum 0.1) on training
+    forwards. Training normalises by the batch statistics, which mix positions, future tokens included, so a
+    training-mode forward is not causal; eval uses the running statistics, per channel, so no token sees
+    another and once lambda = 0 the norm is the per-channel affine map `eval_affine` returns, which the
+    `fold-prepbn` transform folds into its readers. lambda is a persistent buffer set by `set_training_step`
+    (the trainer calls it per optimizer step, so gradient accumulation does not speed the decay up), so a
+    checkpoint saved mid-decay reloads as the model it was. Under DDP the batch statistics are each rank's own,
+    as with `nn.BatchNorm1d` without SyncBatchNorm.
+    """
+
+    affine_output = False  # the LN gain multiplies only the lambda part
+    config_fields = ("norm_bias", "prepbn_decay_steps", "prepbn_warmup_steps")
+    momentum = 0.1
+
+    @classmethod
+    def validate(cls, cfg):
+        if cfg.heterogeneous_gains:
+            fail("heterogeneous_gains", True, "replaces the pre-sublayer norms by gain-free RMSNorms, so norm='prepbn' "
+                 "would only be the final norm: set heterogeneous_gains=False")
+
+    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True, decay_steps: float = 0.16,
+                 warmup_steps: float = 0.0):
+        super().__init__()
+        self.eps, self.decay_steps, self.warmup_steps = eps, decay_steps, warmup_steps
+        self.weight = nn.Parameter(torch.ones(dim))  # the LayerNorm's
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+        self.bn_weight = nn.Parameter(torch.ones(dim))
+        self.bn_bias = nn.Parameter(torch.zeros(dim))
+        self.eta = nn.Parameter(torch.ones(1))  # 1-D: FSDP2 cannot shard 0-d tensors
+        self.register_buffer("running_mean", torch.zeros(dim, dtype=torch.float32))
+        self.register_buffer("running_var", torch.ones(dim, dtype=torch.float32))
+        self.register_buffer("lam", torch.tensor(1.0, dtype=torch.float32))
+
+    @classmethod
+    def from_config(cls, dim, cfg, role):
+        return cls(dim, eps=cfg.norm_eps, bias=cfg.norm_bias, decay_steps=cfg.prepbn_decay_steps,
+                   warmup_steps=cfg.prepbn_warmup_steps)
+
+    def set_training_step(self, step: int, total_steps: int) -> None:
+        from .schedule import steps_of
+
+        self.lam.fill_(prepbn_lambda(step, steps_of(self.warmup_steps, total_steps),
+                                     steps_of(self.decay_steps, total_steps)))
+
+    def forward(self, x):
+        if self.training:
+            xf = at_least_float32(x).reshape(-1, x.shape[-1])
+            mean, var = xf.mean(0), xf.var(0, unbiased=False)
+            if torch.is_grad_enabled():  # training forwards only, not telemetry
+                with torch.no_grad():
+                    n = xf.shape[0]
+                    m = self.momentum
+                    self.running_mean.mul_(1 - m).add_(m * mean)
+                    self.running_var.mul_(1 - m).add_(m * var * n / max(n - 1, 1))
+        else:
+            mean, var = self.running_mean, self.running_var
+        bn = repbn(x, mean, var, self.bn_weight, self.bn_bias, self.eta, self.eps)
+        ln = F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        lam = self.lam.to(x.dtype)
+        return lam * ln + (1 - lam) * bn
+
+    @torch.no_grad()
+    def eval_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, c) of the eval map at lambda = 0, a x + c, in float32 or wider: a = gamma / sqrt(var + eps) + eta,
+        c = beta - gamma mean / sqrt(var + eps) over the running statistics."""
+        inv = torch.rsqrt(at_least_float32(self.running_var) + self.eps)
+        gamma = at_least_float32(self.bn_weight)
+        return gamma * inv + self.eta, self.bn_bias - gamma * self.running_mean * inv
+
+
+@register_norm("identity")
+class IdentityNorm(Norm):
+    """No norm: x. What a folded PRepBN computes once its affine map is in its readers (`fold-prepbn`)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+
+    @classmethod
+    def from_config(cls, dim, cfg, role):
+        return cls(dim)
+
+    def forward(self, x):
+        return x
+
+
 @register_norm("frozen")
 class FrozenScaleNorm(Norm):
     """LN with a fixed scale (Baroni et al., arXiv 2507.02559 "FakeLN"): gamma * (x - mean) / sigma + beta.

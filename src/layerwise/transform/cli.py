@@ -182,6 +182,7 @@ def transform_command(
       layers=0-15,12-15,16-29  a layer program: the new stack lists source layers in order, repeats
                                allowed (materialised copies); add :tie to run one set of weights several times
       fold-norms               fold each norm's gain (and LayerNorm bias) into the linears that read it
+      fold-prepbn              a finished PRepBN's eval map into its readers; the norms become identity
       pre-rmsnorm              Pre-LN -> Pre-RMSNorm, exactly (Jiang et al., NeurIPS 2023)
       pre-crmsnorm             Pre-LN -> Pre-CRMSNorm: the same, with the stream compressed to d-1
       to-layerwise             a Llama-family (or GPT-2) HF model as a LayerwiseForCausalLM, same logits

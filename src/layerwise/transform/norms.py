@@ -5,6 +5,8 @@ Steps:
   LayerNorm / DyT its bias, to the linears that read it, and is left with unit gain and no bias. Norms whose
   output enters the residual stream, is the stream, or enters attention scores (Peri-LN and Gemma 2 output
   norms, Post-LN norms, embedding norms, QK-norm, AttnRes keys) keep their gains: no linear alone reads them.
+- `fold-prepbn`: a PRepBN model whose decay is done (lambda = 0) hands each norm's eval map a x + c, running
+  statistics and eta included, to the linears that read it; the norms become `identity` (SLAB's inference model).
 - `pre-rmsnorm` (Jiang et al., NeurIPS 2023): a Pre-LN LayerNorm layerwise model (or HF GPT-2, first made the
   equivalent layerwise model, since GPT-2's classes have no RMSNorm) becomes a Pre-RMSNorm one
   computing the same function: fold the norms, remove the mean from everything that writes the residual
@@ -338,3 +340,84 @@ class PreCRMSNorm(PreRMSNorm):
     summary = "Pre-LN LayerNorm -> Pre-CRMSNorm (d_model - 1 wide) with the same logits"
     target = "Pre-CRMSNorm"
     convert = staticmethod(pre_crmsnorm)
+
+
+# ---- PRepBN ------------------------------------------------------------------------------------------------------
+
+
+def fold_prepbn(model: nn.Module) -> nn.Module:
+    """A `LayerwiseForCausalLM` whose PRepBNs have finished their decay (lambda = 0) as one with no norm computation
+    there and the same eval logits: each PRepBN's eval map a x + c (`PRepBN.eval_affine`) goes into the linears
+    that read it, W' = W diag(a), b' = b + s W c (s: LayerNorm Scaling's depth scale), and the norms become
+    `identity`. Returns a new model whose config reloads it (`norm="identity"`, `bias` / `lm_head_bias` where
+    the readers took c, the head untied); the model passed in is consumed."""
+    refusal = fold_prepbn_refusal(model)
+    if refusal:
+        raise UserError(f"fold-prepbn: {refusal}")
+    mapped = model_map(model)
+    sites = list({id(site.norm): site for site in mapped.norms() if _is_prepbn(site.norm)}.values())
+    with torch.no_grad():
+        if mapped.tied_head:
+            _untie_head(model, mapped)
+        for site in sites:
+            a, c = site.norm.eval_affine()
+            if any(reader.bias is None for reader in site.readers):
+                _add_biases(model, mapped, site)
+            for reader in site.readers:
+                reader.bias.add_(_apply(reader, (c * site.scale).to(reader.weight.dtype)))
+                _scale_inputs(reader, a.to(reader.weight.dtype))
+    new = copy.deepcopy(model.config)
+    new.norm = "identity"
+    defaults = type(new)()
+    for field in ("norm_bias", "prepbn_decay_steps", "prepbn_warmup_steps"):  # read by no selected variant now
+        setattr(new, field, getattr(defaults, field))
+    norms = {name for name, module in model.named_modules() if _is_prepbn(module)}
+    state = {k: v for k, v in model.state_dict().items() if k.rpartition(".")[0] not in norms}
+    return _rebuilt(model, new, state)
+
+
+def fold_prepbn_refusal(model: nn.Module) -> str | None:
+    """Why `model`'s PRepBNs cannot be folded into their readers exactly, or None; asked before any weight changes."""
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "model_type", None) != "layerwise" or cfg.norm != "prepbn":
+        found = f"norm={cfg.norm!r}" if getattr(cfg, "model_type", None) == "layerwise" else \
+            f"a {getattr(cfg, 'model_type', type(model).__name__)!r} model"
+        return f"needs a layerwise model with norm='prepbn', not {found}"
+    names = {id(module): name for name, module in model.named_modules()}
+    for site in model_map(model).norms():
+        if not _is_prepbn(site.norm):
+            continue
+        name = names[id(site.norm)]
+        if site.feeds != "linears":
+            return (f"the PRepBN {name} feeds the {site.feeds}, not only linears, so no linear can absorb its "
+                    "affine map (use a pre placement without embedding_norm)")
+        lam = float(site.norm.lam)
+        if lam != 0:
+            return (f"the PRepBN {name} has lambda={lam:g}, not 0: its LayerNorm part is not affine; train past "
+                    "prepbn_warmup_steps + prepbn_decay_steps first")
+        stuck = [type(r).__name__ for r in site.readers if not _can_take_bias(r, model)]
+        if stuck:
+            return f"the PRepBN {name} is read by a {stuck[0]}, which cannot take the bias its map needs"
+    return None
+
+
+def _is_prepbn(module: nn.Module) -> bool:
+    from ..nn.norms import PRepBN
+
+    return isinstance(module, PRepBN)
+
+
+@register_step("fold-prepbn")
+class FoldPRepBN(Step):
+    """PRepBN at lambda = 0 -> its per-channel affine map folded into the linears that read it (SLAB's inference
+    model, Guo et al., ICML 2024)."""
+
+    summary = "fold each finished PRepBN's eval map a x + c into the linears that read it; norms become identity"
+
+    def check(self, model):
+        refusal = fold_prepbn_refusal(model)
+        if refusal:
+            self.refuse(f"cannot fold PRepBN: {refusal}")
+
+    def apply(self, model):
+        return fold_prepbn(model)
