@@ -403,6 +403,7 @@ class PRepBN(Norm):
     """
 
     affine_output = False  # the LN gain multiplies only the lambda part
+    batch_statistics = True
     config_fields = ("norm_bias", "prepbn_decay_steps", "prepbn_warmup_steps")
     momentum = 0.1
 
