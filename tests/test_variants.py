@@ -26,6 +26,8 @@ FLAGS = {
     ("norm", "frozen"): (False, True, True),
     ("norm", "crmsnorm"): (False, True, True),
     ("norm", "fakeln"): (False, True, True),
+    ("norm", "un"): (False, True, False),
+    ("norm", "powernorm"): (False, True, False),
     ("bhyt_var_approx", "baseline"): (False, True, True),
     ("bhyt_var_approx", "beta"): (False, True, True),
     ("bhyt_var_approx", "eta"): (False, True, True),

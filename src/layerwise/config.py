@@ -68,7 +68,7 @@ class ModelConfig(PreTrainedConfig):
     scaled_init: bool = False  # GPT-2 / Megatron: output projections use init_std / sqrt(2 L)
 
     # Normalization
-    norm: str = "rmsnorm"  # layernorm | rmsnorm | ssrmsnorm | crmsnorm | dyt | bhyt | seednorm | frozen | fakeln
+    norm: str = "rmsnorm"  # layernorm | rmsnorm | ssrmsnorm | crmsnorm | dyt | bhyt | seednorm | frozen | fakeln | un | powernorm
     norm_eps: float = 1e-6
     norm_bias: bool = True  # beta in layernorm / dyt / frozen
     # IWD (Wang et al.): "input" decays the gains of the norms a linear reads (pre-sublayer and final), never
@@ -96,6 +96,10 @@ class ModelConfig(PreTrainedConfig):
     frozen_norm_sigma: float = 1.0
     fakeln_momentum: float = 0.9  # fakeln: EMA momentum of the tracked per-token std
     fakeln_eot_token_id: int | None = None  # fakeln: end-of-text tokens on the value path use the first position's std
+    # un / powernorm: steps normalised by the batch statistic before the window / running one takes over; a
+    # fraction of the run if < 1, else a step count (the released defaults)
+    un_warmup_steps: float = 4000
+    powernorm_warmup_steps: float = 10000
 
     # Residual scheme
     residual: str = "standard"  # standard | full_attnres | block_attnres | delta_attnres | delta_block_attnres

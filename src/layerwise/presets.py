@@ -76,6 +76,12 @@ PRESETS: dict[str, Preset] = {
         Preset("ssrmsnorm", "Single-Scale RMSNorm (Park et al., ACL 2025, 'Outlier-Safe Pre-Training'): one scalar "
                "gain in every RMSNorm, final norm included; OSP's EmbProj and Muon are not part of it",
                dict(norm="ssrmsnorm")),
+        Preset("un", "Unified Normalization (Yang et al., ACM MM 2022, 'Unified Normalization for Accelerating and "
+               "Stabilizing Transformers'): running-statistics norms everywhere, warm-up 4000 steps, eps 1e-5",
+               dict(norm="un", norm_eps=1e-5)),
+        Preset("powernorm", "PowerNorm (Shen et al., ICML 2020, 'PowerNorm: Rethinking Batch Normalization in "
+               "Transformers'): GroupScaling then running quadratic means, warm-up 10000 steps, eps 1e-5",
+               dict(norm="powernorm", norm_eps=1e-5)),
         Preset("iwd", "Input-Norm weight decay (Wang et al., arXiv 2605.26895, 'Negligible in Size, Significant in "
                "Effect'): decay the gains of the norms a linear reads, not the others'", dict(norm_gain_decay="input")),
         Preset("hg", "Heterogeneous gains (Wang et al., arXiv 2605.26895, 'Negligible in Size, Significant in "
