@@ -242,3 +242,60 @@ def test_trained_running_statistics_survive_hf_save_and_load(preset, tmp_path):
     assert not torch.equal(model.model.layers[0].attn.norm_in.running_var, torch.ones(128)), "nothing was trained"
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, before)
+
+
+@pytest.mark.parametrize("preset", ["un", "powernorm"])
+def test_compiled_fullgraph_after_warm_up_matches_eager_in_outputs_gradients_and_buffers(preset):
+    import copy
+
+    torch.manual_seed(0)
+    eager = LayerwiseForCausalLM(ModelConfig.from_preset(preset, n_layers=2)).train()
+    from layerwise.nn.schedule import set_training_step
+
+    ids = torch.randint(0, 256, (2, 16))
+    for step in range(5):  # fill UN's windows with the warm-up's statistics
+        set_training_step(eager, step, 20_000)
+        eager(ids, labels=ids).loss.backward()
+    set_training_step(eager, 12_000, 20_000)  # past both warm-ups and UN's 1000 uncompensated steps
+    compiled_model = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    compiled = torch.compile(compiled_model, backend="eager", fullgraph=True)
+    for _ in range(2):
+        eager.zero_grad()
+        compiled_model.zero_grad()
+        a, b = eager(ids, labels=ids), compiled(ids, labels=ids)
+        a.loss.backward()
+        b.loss.backward()
+        torch.testing.assert_close(b.logits, a.logits)
+        for (name, p), q in zip(eager.named_parameters(), compiled_model.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, msg=name)
+        for (name, buf), other in zip(eager.named_buffers(), compiled_model.buffers()):
+            torch.testing.assert_close(other, buf, msg=name)
+
+
+def test_an_interrupted_un_run_resumed_equals_the_uninterrupted_one(corpus, tmp_path):
+    """Warm-up 4 steps of 12 and checkpoints every 7: the resumed run starts after the warm-up with the window,
+    running statistics and g z EMAs of step 7, under gradient accumulation (2 micro-batches per step)."""
+    import json
+    import shutil
+
+    from layerwise.train.checkpoint import list_checkpoints
+    from layerwise.train.config import TrainConfig
+    from layerwise.train.trainer import train
+
+    def cfg(out, **extra):
+        return TrainConfig(model=dict(preset="un", size="tiny", un_warmup_steps=4), data=str(corpus), out=str(out),
+                           max_tokens=12 * 4 * 32, batch_size=4, micro_batch_size=2, seq_len=32, lr=3e-3, warmup=2,
+                           eval_every=1000, eval_batches=2, telemetry_every=5, ckpt_every=7, log_every=1,
+                           tensorboard=False, **extra)
+
+    def losses(run):
+        return {r["step"]: r["train_loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if "train_loss" in r}
+
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    train(cfg(reference))
+    train(cfg(resumed))
+    shutil.rmtree(list_checkpoints(resumed)[-1])
+    train(cfg(resumed, resume="auto"))
+    assert losses(resumed) == losses(reference) and len(losses(reference)) == 12
