@@ -16,8 +16,9 @@ float32, and keep running statistics for eval. What follows from that:
   forward and backward calls, not of the step: they are persistent buffers, so checkpoints and HF save/load
   keep them and a resumed run continues them exactly. Each micro-batch forward (and its backward) updates
   them, as in the released code; a training forward without gradients (telemetry) updates nothing.
-- Under DDP the batch statistics are each rank's own, like nn.BatchNorm1d without SyncBatchNorm, and the
-  buffers drift apart across ranks unless they are broadcast.
+- Under data parallelism the batch statistics are each rank's own, like nn.BatchNorm1d without SyncBatchNorm.
+  DDP (its default broadcast_buffers) starts every forward from rank 0's buffers, so the running statistics
+  and EMAs that persist are rank 0's; under FSDP each rank keeps its own.
 - The backward of each is the paper's approximate one (a custom autograd Function), not the gradient of the
   forward; gamma and beta sit outside the Function and get their exact gradients.
 """
