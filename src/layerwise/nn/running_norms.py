@@ -55,7 +55,8 @@ def geometric_mean(window: torch.Tensor) -> torch.Tensor:
 
 def check_warmup_field(cfg, field: str) -> None:
     value = getattr(cfg, field)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (value >= 1 and value != int(value)):
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or value < 0 or (value >= 1 and value != int(value)):
         fail(field, value, "must be a fraction of the run below 1 or a whole number of steps (like TrainConfig.warmup)")
 
 
