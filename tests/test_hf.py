@@ -42,7 +42,7 @@ def test_saved_weights_are_plain_safetensors_with_a_tied_head(tmp_path):
 
 @pytest.mark.parametrize("name", ["pre-ln", "peri-ln", "bhyt", "attnres", "block-attnres", "delta-attnres",
                                   "delta-block-attnres", "delta-block-attnres-released", "resformer", "satformer",
-                                  "dyt"])
+                                  "dyt", "un", "powernorm"])
 def test_cached_generate_equals_greedy_full_forwards(name):
     model = tiny_model(name)
     # Random init gives flat logits; sharpen them so greedy choices are not decided by rounding noise.

@@ -96,6 +96,7 @@ FOLDABLE_PRESETS = [
     ("lns", {"norm": "layernorm"}), ("peri-ln", {"norm": "layernorm"}), ("post-ln", {}), ("mix-ln", {}),
     ("deepnorm", {}), ("dyt", {}), ("dyt", {"norm_bias": True}), ("bhyt", {}), ("bhyt-star", {}), ("seednorm", {}),
     ("block-attnres", {}), ("delta-attnres", {}), ("resformer", {}), ("satformer", {"norm": "layernorm"}),
+    ("un", {}), ("powernorm", {}),
 ]
 
 

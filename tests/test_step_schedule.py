@@ -56,7 +56,8 @@ def test_a_run_splitting_the_batch_says_so_when_a_norm_uses_batch_statistics():
     assert batch_statistics_note(nn.Sequential(nn.Linear(2, 2)), micro_batch=4, batch_size=8) is None
 
 
-def test_prepbn_is_flagged_as_a_batch_statistics_norm_and_rmsnorm_is_not():
+def test_the_batch_statistics_norms_are_flagged_and_rmsnorm_is_not():
     from layerwise.nn.norms import NORMS
 
-    assert NORMS.get("prepbn").batch_statistics and not NORMS.get("rmsnorm").batch_statistics
+    assert all(NORMS.get(name).batch_statistics for name in ("prepbn", "un", "powernorm"))
+    assert not NORMS.get("rmsnorm").batch_statistics

@@ -68,7 +68,7 @@ class ModelConfig(PreTrainedConfig):
     scaled_init: bool = False  # GPT-2 / Megatron: output projections use init_std / sqrt(2 L)
 
     # Normalization
-    norm: str = "rmsnorm"  # layernorm | rmsnorm | ssrmsnorm | crmsnorm | dyt | bhyt | seednorm | frozen | fakeln
+    norm: str = "rmsnorm"  # layernorm | rmsnorm | ssrmsnorm | crmsnorm | dyt | bhyt | seednorm | frozen | fakeln | un | powernorm
     norm_eps: float = 1e-6
     norm_bias: bool = True  # beta in layernorm / dyt / frozen
     # IWD (Wang et al.): "input" decays the gains of the norms a linear reads (pre-sublayer and final), never
@@ -100,6 +100,10 @@ class ModelConfig(PreTrainedConfig):
     # < 1 else a step count; 0.16 is the DeiT recipe's 60,000 of its ~375k steps.
     prepbn_decay_steps: float = 0.16
     prepbn_warmup_steps: float = 0.0
+    # un / powernorm: steps normalised by the batch statistic before the window / running one takes over; a
+    # fraction of the run if < 1, else a step count (the released defaults)
+    un_warmup_steps: float = 4000
+    powernorm_warmup_steps: float = 10000
 
     # Residual scheme
     residual: str = "standard"  # standard | full_attnres | block_attnres | delta_attnres | delta_block_attnres

@@ -79,6 +79,12 @@ PRESETS: dict[str, Preset] = {
         Preset("prepbn", "PRepBN (Guo, Chen, Tang, Wang; ICML 2024, 'SLAB'): every norm, the final one included, "
                "LayerNorm decaying linearly into RepBN = BatchNorm + eta x over the first 16% of the run",
                dict(norm="prepbn", norm_eps=1e-5)),
+        Preset("un", "Unified Normalization (Yang et al., ACM MM 2022, 'Unified Normalization for Accelerating and "
+               "Stabilizing Transformers'): running-statistics norms everywhere, warm-up 4000 steps, eps 1e-5",
+               dict(norm="un", norm_eps=1e-5)),
+        Preset("powernorm", "PowerNorm (Shen et al., ICML 2020, 'PowerNorm: Rethinking Batch Normalization in "
+               "Transformers'): GroupScaling then running quadratic means, warm-up 10000 steps, eps 1e-5",
+               dict(norm="powernorm", norm_eps=1e-5)),
         Preset("iwd", "Input-Norm weight decay (Wang et al., arXiv 2605.26895, 'Negligible in Size, Significant in "
                "Effect'): decay the gains of the norms a linear reads, not the others'", dict(norm_gain_decay="input")),
         Preset("hg", "Heterogeneous gains (Wang et al., arXiv 2605.26895, 'Negligible in Size, Significant in "

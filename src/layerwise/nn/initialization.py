@@ -23,6 +23,7 @@ from .norms import (BetaVarianceApproximation, BHyT, DyT, EtaVarianceApproximati
 from .norms import PRepBN
 from .positions import LearnedPositions
 from .registry import variant_of
+from .running_norms import RunningStatisticsNorm, UnifiedNorm
 from .residual import DeltaRoutedScheme, DepthAttention, LearnableAlphaGate, SigmoidScalarGate, SigmoidVectorGate
 from .value_residual import ResFormer, SATFormer
 
@@ -117,6 +118,16 @@ def parameter_groups(model: nn.Module) -> list[InitGroup]:
         InitGroup("FakeLN switches off", [(t, "is_fake") for t in of(TrackedStd)], Constant(False)),
         InitGroup("FakeLN special positions on", [(t, name) for t in of(TrackedStd)
                                                   for name in ("bos_is_special", "eot_is_special")], Constant(True)),
+        # The released inits: running psi^2 1 (UN's window too, until it fills), the EMAs of g z 0, warm-up on.
+        InitGroup("running psi^2", [(n, "running_var") for n in of(RunningStatisticsNorm)], Constant(1.0)),
+        InitGroup("running g z EMAs", [(n, "ema_gz") for n in of(RunningStatisticsNorm)], Constant(0.0)),
+        InitGroup("running-statistics warm-up on", [(n, "in_warmup") for n in of(RunningStatisticsNorm)],
+                  Constant(True)),
+        InitGroup("UN psi^2 window", [(n, "window") for n in of(UnifiedNorm)], Constant(1.0)),
+        InitGroup("UN g z windows and fill counts", [(n, name) for n in of(UnifiedNorm)
+                                                     for name in ("gz_window", "gz_filled", "window_filled")],
+                  Constant(0.0)),
+        InitGroup("UN gradient compensation off", [(n, "compensated") for n in of(UnifiedNorm)], Constant(False)),
         InitGroup("AttnRes pseudo-queries", [(m, "query") for m in of(DepthAttention)], Constant(0.0)),
         # Delta AttnRes's optional gates and null sources (the released code's inits).
         InitGroup("Delta AttnRes null sources", [(m, "null_sources") for m in of(DeltaRoutedScheme)

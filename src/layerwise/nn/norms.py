@@ -404,6 +404,8 @@ class PRepBN(Norm):
 
     affine_output = False  # the LN gain multiplies only the lambda part
     batch_statistics = True
+    repeat_safe = False
+    repeat_hazard = "a norm run at two positions pushes both positions' batch statistics into one running statistic"
     config_fields = ("norm_bias", "prepbn_decay_steps", "prepbn_warmup_steps")
     momentum = 0.1
 
