@@ -17,7 +17,9 @@ from layerwise import LayerwiseForCausalLM, ModelConfig
     (dict(residual="delta_block_attnres", attnres_blocks=5), "attnres_blocks", "use 1..4"),
     (dict(norm_placement="mixln", mixln_ratio=1.5), "mixln_ratio", "[0, 1]"),
     (dict(mixln_ratio=-0.1), "mixln_ratio", "[0, 1]"),
-    (dict(norm="batchnorm"), "norm", "valid: bhyt, crmsnorm, dyt, fakeln, frozen, identity, layernorm, prepbn, rmsnorm, seednorm"),
+    (dict(norm="batchnorm"), "norm",
+     "valid: bhyt, crmsnorm, dyt, fakeln, frozen, identity, layernorm, powernorm, prepbn, rmsnorm, seednorm, "
+     "ssrmsnorm, un"),
     (dict(norm_placement="middle"), "norm_placement", "valid: deepnorm, mixln, peri, post, pre"),
     (dict(residual="hyper"), "residual", "valid: block_attnres, delta_attnres"),
     (dict(value_residual="x"), "value_residual", "valid: none, resformer, satformer"),

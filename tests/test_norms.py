@@ -400,6 +400,7 @@ def test_frozen_scale_norm_is_affine_so_f_minus_f_of_zero_is_linear():
 
 def test_unknown_norm_raises_value_error_listing_the_valid_norms():
     with pytest.raises(ValueError, match=r"ModelConfig\.norm='groupnorm' is not a known norm; "
-                                         r"valid: bhyt, crmsnorm, dyt, fakeln, frozen, identity, layernorm, powernorm, prepbn, "
+                                         r"valid: bhyt, crmsnorm, dyt, fakeln, frozen, identity, layernorm, "
+                                         r"powernorm, prepbn, "
                                          r"rmsnorm, seednorm, ssrmsnorm, un$"):
         ModelConfig.from_preset("pre-rmsnorm", "tiny", norm="groupnorm")

@@ -68,7 +68,9 @@ class ModelConfig(PreTrainedConfig):
     scaled_init: bool = False  # GPT-2 / Megatron: output projections use init_std / sqrt(2 L)
 
     # Normalization
-    norm: str = "rmsnorm"  # layernorm | rmsnorm | ssrmsnorm | crmsnorm | dyt | bhyt | seednorm | frozen | fakeln | un | powernorm
+    # layernorm | rmsnorm | ssrmsnorm | crmsnorm | dyt | bhyt | seednorm | prepbn | un | powernorm | frozen | fakeln |
+    # identity (no norm: what fold-prepbn leaves)
+    norm: str = "rmsnorm"
     norm_eps: float = 1e-6
     norm_bias: bool = True  # beta in layernorm / dyt / frozen
     # IWD (Wang et al.): "input" decays the gains of the norms a linear reads (pre-sublayer and final), never
