@@ -132,15 +132,28 @@ class TrainerCallback:
         pass
 
 
-def batch_statistics_note(model: torch.nn.Module, micro_batch: int, batch_size: int) -> str | None:
+def batch_statistics_note(model: torch.nn.Module, micro_batch: int, batch_size: int, ddp: bool = False) -> str | None:
     """Why this run is not what one process on the whole batch would compute, or None: norms with batch
     statistics normalise each rank's micro-batch by its own, like nn.BatchNorm1d without SyncBatchNorm."""
     names = sorted({type(m).__name__ for m in model.modules() if getattr(m, "batch_statistics", False)})
     if not names or micro_batch >= batch_size:
         return None
-    return (f"{', '.join(names)} normalise each micro-batch of {micro_batch} sequences by its own batch statistics, "
-            f"not the global batch of {batch_size}: this run differs from one process on whole batches (running "
-            "statistics under DDP are rank 0's, broadcast each forward)")
+    note = (f"{', '.join(names)} normalise each micro-batch of {micro_batch} sequences by its own batch statistics, "
+            f"not the global batch of {batch_size}: this run differs from one process on whole batches")
+    return note + (" (the running statistics are rank 0's: DDP broadcasts its buffers each forward)" if ddp else "")
+
+
+def batch_statistics_state(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Copies of the buffers of every batch-statistics norm: a skipped step's forward and backward have already
+    moved them (one NaN batch would leave NaN running statistics for good), so a skip puts them back."""
+    return [(b, b.detach().clone()) for m in model.modules() if getattr(m, "batch_statistics", False)
+            for b in m.buffers(recurse=False)]
+
+
+def restore_batch_statistics(state: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for buffer, saved in state:
+            buffer.copy_(saved)
 
 
 class ModelStepSchedule(TrainerCallback):
@@ -265,7 +278,7 @@ class Trainer:
             console.print(f"{name or 'model'} ({n_params / 1e6:.2f}M params) on {rt.device} x{rt.world_size}; "
                           f"{total} steps x {cfg.tokens_per_step:,} tokens = {total * cfg.tokens_per_step:,} tokens; "
                           f"data {data.vocab_size} vocab, {len(data.train):,} train tokens")
-            note = batch_statistics_note(model, self.micro, cfg.batch_size)
+            note = batch_statistics_note(model, self.micro, cfg.batch_size, ddp=rt.distributed and not cfg.fsdp)
             if note:
                 console.print(f"[yellow]{note}")
             if rt.device.type == "cuda" and peak is None:
@@ -291,12 +304,14 @@ class Trainer:
                 lr = lr_at(step, cfg, total)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
+                statistics = batch_statistics_state(model)
                 loss, grad_norm, first_x = self._train_step(step, forward, wrapped, model, optimizer, data)
                 tokens = (step + 1) * cfg.tokens_per_step
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     consecutive_bad += 1
                     self.bad_total += 1
                     optimizer.zero_grad(set_to_none=True)
+                    restore_batch_statistics(statistics)
                     if rt.is_main:
                         console.print(f"[yellow]step {step}: non-finite loss or gradient; step skipped "
                                       f"({consecutive_bad} in a row)")
