@@ -399,7 +399,10 @@ class PRepBN(Norm):
     `fold-prepbn` transform folds into its readers. lambda is a persistent buffer set by `set_training_step`
     (the trainer calls it per optimizer step, so gradient accumulation does not speed the decay up), so a
     checkpoint saved mid-decay reloads as the model it was. Under DDP the batch statistics are each rank's own,
-    as with `nn.BatchNorm1d` without SyncBatchNorm.
+    as with `nn.BatchNorm1d` without SyncBatchNorm. Not as released: eval mid-decay is the trained mixture with
+    running statistics (the released code runs RepBN alone at inference whatever lambda is), so validation
+    measures the model being trained; the BN branch runs and its statistics move during the pure-LN warm-up
+    too, so they are warm when the decay starts. Casting the model (bf16) casts the running buffers too.
     """
 
     affine_output = False  # the LN gain multiplies only the lambda part
