@@ -42,7 +42,10 @@ def test_each_row_says_how_far_it_is_from_the_first_preset_and_whether_that_exce
             rows["far"]["beyond_seed_spread"]) == (None, False, True)
     table = markdown_table(list(rows.values()))
     assert "vs base" in table.splitlines()[0]
-    assert "| far | 0.00M | 2.8000 ± 0.1000 | -0.3000 | yes |" in table
-    assert "| close | 0.00M | 3.1500 ± 0.1000 | +0.0500 | no |" in table
+    assert "| far | 0.00M | 2.8000 ± 0.1000 | -0.3000 ± 0.0000 | yes |" in table  # every seed 0.3 better
+    assert "| close | 0.00M | 3.1500 ± 0.1000 | +0.0500 ± 0.0000 | no |" in table
+    shuffled = aggregate({"base": _summaries([3.0, 3.1, 3.2]), "other": _summaries([3.2, 3.1, 3.0])},
+                         {"base": 1, "other": 1})
+    assert {r["preset"]: r["paired_delta_std"] for r in shuffled}["other"] == pytest.approx(0.2)  # differences +0.2, 0, -0.2: paired by seed
     one_seed = aggregate({"base": _summaries([3.0]), "far": _summaries([2.0])}, {"base": 1, "far": 1})
     assert [r["beyond_seed_spread"] for r in one_seed] == [None, None]  # no spread to exceed

@@ -29,6 +29,9 @@ def aggregate(runs: dict[str, list[dict]], params: dict[str, int]) -> list[dict]
         r["baseline"] = base["preset"]
         r["delta_vs_baseline"] = r["final_val_loss"] - base["final_val_loss"]
         r["beyond_seed_spread"] = beyond_seed_spread(r, base)
+        # Runs of one seed see the same batches whatever the preset, so the per-seed differences are paired.
+        paired = [s["final_val_loss"] - b["final_val_loss"] for s, b in zip(runs[r["preset"]], runs[base["preset"]])]
+        r["paired_delta_std"] = _mean_std(paired)[1] if len(paired) == r["seeds"] == base["seeds"] else None
     return sorted(rows, key=lambda r: r["final_val_loss"])
 
 
@@ -54,6 +57,8 @@ def markdown_table(rows: list[dict]) -> str:
         spread = f" ± {r['final_val_loss_std']:.4f}" if r["seeds"] > 1 else ""
         speed = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-"
         delta = "-" if r["preset"] == base or "delta_vs_baseline" not in r else f"{r['delta_vs_baseline']:+.4f}"
+        if delta != "-" and r.get("paired_delta_std") is not None and r["seeds"] > 1:
+            delta += f" ± {r['paired_delta_std']:.4f}"
         beyond = {True: "yes", False: "no", None: "-"}[r.get("beyond_seed_spread")]
         lines.append(f"| {r['preset']} | {r['params'] / 1e6:.2f}M | {r['final_val_loss']:.4f}{spread} | {delta} | "
                      f"{beyond} | {r['best_val_loss']:.4f} | {r['val_ppl']:.2f} | {r['tokens']:,} | {speed} |")
@@ -152,8 +157,9 @@ def plot_depth_profile(runs: dict[str, list[dict]], path: Path) -> None:
 def write_comparison(out: Path, runs: dict[str, list[dict]], params: dict[str, int], header: str = "") -> dict:
     rows = aggregate(runs, params)
     table = markdown_table(rows)
-    legend = ("Final val loss: mean ± std over seeds. vs baseline: difference of the means from the first preset "
-              "listed; beyond seed spread: the two mean ± std intervals are disjoint.")
+    legend = ("Final val loss: mean ± std over seeds. vs baseline: difference from the first preset listed, mean ± "
+              "std over seeds of the per-seed differences (a seed's runs see the same batches); beyond seed spread: "
+              "the two presets' mean ± std intervals are disjoint.")
     (out / "comparison.md").write_text(f"# Comparison\n\n{header}\n\n{table}\n\n{legend}\n\n"
                                        "![loss curves](loss_curves.png)\n\n![depth profile](depth_profile.png)\n")
     payload = {"rows": rows, "runs": {k: [{x: s[x] for x in ("run", "final_val_loss", "best_val_loss",
