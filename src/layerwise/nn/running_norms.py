@@ -72,7 +72,8 @@ def powernorm_backward(g: torch.Tensor, z: torch.Tensor, batch_var: torch.Tensor
 
 
 class UNNormalize(torch.autograd.Function):
-    """z = x / sqrt(var + eps) forward; UN's compensated backward, which also advances the gz window and EMA.
+    """z = x / sqrt(var + eps) forward; UN's compensated backward, which also advances the gz window and EMA
+    and moves the running psi^2 towards `var`.
 
     g = r dL/dz (dL/dz = gamma dL/dy); gz = mean over tokens of g z enters a window of the last W; m is the EMA
     (momentum 0.9) of the window's mean once `use_window`, of gz itself before; then `un_backward` with the
@@ -80,14 +81,14 @@ class UNNormalize(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, var, r, eps, ema_gz, gz_window, gz_filled, use_window):
+    def forward(ctx, x, var, r, eps, ema_gz, gz_window, gz_filled, use_window, running_var):
         ctx.eps = eps
-        ctx.save_for_backward(x, var, r, ema_gz, gz_window, gz_filled, use_window)
+        ctx.save_for_backward(x, var, r, ema_gz, gz_window, gz_filled, use_window, running_var)
         return x * torch.rsqrt(var + eps)
 
     @staticmethod
     def backward(ctx, grad_z):
-        x, var, r, ema_gz, gz_window, gz_filled, use_window = ctx.saved_tensors
+        x, var, r, ema_gz, gz_window, gz_filled, use_window, running_var = ctx.saved_tensors
         z = x * torch.rsqrt(var + ctx.eps)
         g = grad_z * r
         gz = mean_over_tokens(g * z)
@@ -97,7 +98,11 @@ class UNNormalize(torch.autograd.Function):
         gz_window.copy_(window)
         gz_filled.copy_(filled)
         ema_gz.copy_(MOMENTUM * ema_gz + (1 - MOMENTUM) * m)
-        return un_backward(g, z, var, ctx.eps, ema_gz), None, None, None, None, None, None, None
+        # Here, not in the forward: r is a function of the running psi^2 before this batch, and torch.compile's
+        # partitioner may recompute r in the backward from the buffer; a forward-side update would have changed
+        # it by then (compiled dL/dx off by up to 2.6 on one norm). Eager values are the same either way.
+        running_var.copy_(MOMENTUM * running_var + (1 - MOMENTUM) * var)
+        return un_backward(g, z, var, ctx.eps, ema_gz), None, None, None, None, None, None, None, None
 
 
 class PowerNormalize(torch.autograd.Function):
@@ -203,8 +208,8 @@ class UnifiedNorm(RunningStatisticsNorm):
             with torch.no_grad():
                 self.window.copy_(window)
                 self.window_filled.copy_(filled)
-                self.running_var.copy_(MOMENTUM * self.running_var + (1 - MOMENTUM) * var)
-        z = UNNormalize.apply(xf, var, r, self.eps, self.ema_gz, self.gz_window, self.gz_filled, ~self.in_warmup)
+        z = UNNormalize.apply(xf, var, r, self.eps, self.ema_gz, self.gz_window, self.gz_filled, ~self.in_warmup,
+                              self.running_var)
         return self.affine(z, x.dtype)
 
 
