@@ -14,8 +14,9 @@ float32, and keep running statistics for eval. What follows from that:
   sets the step and a module keeps the phase its buffers hold (a fresh one: warm-up).
 - The running statistics, the window of recent batch statistics and the backward's EMAs are state of the
   forward and backward calls, not of the step: they are persistent buffers, so checkpoints and HF save/load
-  keep them and a resumed run continues them exactly. Each micro-batch forward (and its backward) updates
-  them, as in the released code; a training forward without gradients (telemetry) updates nothing.
+  keep them and a resumed run continues them exactly. Each micro-batch forward and its backward update
+  them, as in the released code (the running psi^2 in the backward, so a compiled backward reads it as the
+  forward did); a training forward without gradients (telemetry) updates nothing.
 - Under data parallelism the batch statistics are each rank's own, like nn.BatchNorm1d without SyncBatchNorm.
   DDP (its default broadcast_buffers) starts every forward from rank 0's buffers, so the running statistics
   and EMAs that persist are rank 0's; under FSDP each rank keeps its own.
@@ -108,22 +109,26 @@ class UNNormalize(torch.autograd.Function):
 class PowerNormalize(torch.autograd.Function):
     """z = x / sqrt(var + eps) forward (var: the batch psi^2 in warm-up, the running one after); PowerNorm's
     backward, which divides by the batch psi^2 in both phases and then adds mean over tokens of (its g - (1 -
-    a_bkw) ema_gz z) times z to ema_gz, an undecayed sum as released (with mean z^2 ~ 1 it acts as an EMA)."""
+    a_bkw) ema_gz z) times z to ema_gz, an undecayed sum as released (with mean z^2 ~ 1 it acts as an EMA),
+    and moves the running psi^2 towards the batch's."""
 
     @staticmethod
-    def forward(ctx, x, var, batch_var, eps, ema_gz):
+    def forward(ctx, x, var, batch_var, eps, ema_gz, running_var):
         ctx.eps = eps
-        ctx.save_for_backward(x, var, batch_var, ema_gz)
+        ctx.save_for_backward(x, var, batch_var, ema_gz, running_var)
         return x * torch.rsqrt(var + eps)
 
     @staticmethod
     def backward(ctx, grad_z):
-        x, var, batch_var, ema_gz = ctx.saved_tensors
+        x, var, batch_var, ema_gz, running_var = ctx.saved_tensors
         z = x * torch.rsqrt(var + ctx.eps)
         approximate = grad_z - (1 - MOMENTUM) * ema_gz * z
         grad_x = powernorm_backward(grad_z, z, batch_var, ctx.eps, ema_gz)
         ema_gz.add_(mean_over_tokens(approximate * z))
-        return grad_x, None, None, None, None
+        # Here, not in the forward, for the reason given in `UNNormalize.backward`: after warm-up `var` is the
+        # running psi^2, which the compiled backward may read from the buffer.
+        running_var.copy_(MOMENTUM * running_var + (1 - MOMENTUM) * batch_var)
+        return grad_x, None, None, None, None, None
 
 
 class RunningStatisticsNorm(Norm):
@@ -239,8 +244,5 @@ class PowerNorm(RunningStatisticsNorm):
             return self.affine(s * torch.rsqrt(self.running_var + self.eps), x.dtype)
         psi2 = batch_quadratic_mean(s)
         var = torch.where(self.in_warmup, psi2, self.running_var)
-        z = PowerNormalize.apply(s, var, psi2, self.eps, self.ema_gz)
-        if self.tracking():
-            with torch.no_grad():
-                self.running_var.copy_(MOMENTUM * self.running_var + (1 - MOMENTUM) * psi2)
+        z = PowerNormalize.apply(s, var, psi2, self.eps, self.ema_gz, self.running_var)
         return self.affine(z, x.dtype)
