@@ -236,9 +236,10 @@ def test_trained_running_statistics_survive_hf_save_and_load(preset, tmp_path):
         before = model(ids).logits
     model.save_pretrained(tmp_path)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    for name, buffer in model.named_buffers():
-        if name.endswith(("running_var", "ema_gz", "window", "in_warmup")):
-            assert torch.equal(dict(loaded.named_buffers())[name], buffer), name
+    saved, reloaded = model.state_dict(), loaded.state_dict()
+    assert saved.keys() == reloaded.keys()
+    for name, tensor in saved.items():  # every parameter and buffer: statistics, windows, EMAs, phase flags
+        assert torch.equal(reloaded[name], tensor), name
     assert not torch.equal(model.model.layers[0].attn.norm_in.running_var, torch.ones(128)), "nothing was trained"
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, before)
@@ -287,11 +288,19 @@ def test_compiled_fullgraph_after_warm_up_matches_eager_in_outputs_gradients_and
             torch.testing.assert_close(other, buf, msg=name)
 
 
-def test_an_interrupted_un_run_resumed_equals_the_uninterrupted_one(corpus, tmp_path):
-    """Warm-up 4 steps of 12 and checkpoints every 7: the resumed run starts after the warm-up with the window,
-    running statistics and g z EMAs of step 7, under gradient accumulation (2 micro-batches per step)."""
+def test_an_interrupted_un_run_resumed_equals_the_uninterrupted_one(corpus, tmp_path, monkeypatch):
+    """Warm-up 4 steps of 12, gradient compensation from step 5 (instead of 1000) and checkpoints every 7: the
+    resumed run starts after the warm-up, compensated, with the window, running statistics and g z EMAs of step 7,
+    under gradient accumulation (2 micro-batches per step)."""
     import json
     import shutil
+
+    from layerwise.nn import running_norms
+
+    monkeypatch.setattr(running_norms, "UN_UNCOMPENSATED_STEPS", 5)
+    probe = UnifiedNorm(D, warmup=4)
+    probe.set_training_step(5, 12)
+    assert bool(probe.compensated), "the trainer's steps 5..11 run compensated"
 
     from layerwise.train.checkpoint import list_checkpoints
     from layerwise.train.config import TrainConfig
