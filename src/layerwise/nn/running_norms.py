@@ -31,7 +31,6 @@ from torch import nn
 
 from ..numerics import at_least_float32
 from .norms import Norm, register_norm
-from .registry import fail
 from .schedule import steps_of
 
 MOMENTUM = 0.9  # both papers' EMA momentum, on the old value: ema <- 0.9 ema + 0.1 new
@@ -52,13 +51,6 @@ def mean_over_tokens(t: torch.Tensor) -> torch.Tensor:
 def geometric_mean(window: torch.Tensor) -> torch.Tensor:
     """The per-channel geometric mean of the rows of `window` [W, d], through logs (no overflow of a product)."""
     return window.log().mean(0).exp()
-
-
-def check_warmup_field(cfg, field: str) -> None:
-    value = getattr(cfg, field)
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not number or value < 0 or (value >= 1 and value != int(value)):
-        fail(field, value, "must be a fraction of the run below 1 or a whole number of steps (like TrainConfig.warmup)")
 
 
 def un_backward(g: torch.Tensor, z: torch.Tensor, var: torch.Tensor, eps: float, ema_gz: torch.Tensor) -> torch.Tensor:
@@ -140,10 +132,6 @@ class RunningStatisticsNorm(Norm):
     repeat_safe = False
     repeat_hazard = ("a norm run at two positions pushes both positions' batch statistics into one running "
                      "statistic and window")
-
-    @classmethod
-    def validate(cls, cfg):
-        check_warmup_field(cfg, cls.warmup_field)
 
     @classmethod
     def from_config(cls, dim, cfg, role):
