@@ -14,9 +14,9 @@ float32, and keep running statistics for eval. What follows from that:
   sets the step and a module keeps the phase its buffers hold (a fresh one: warm-up).
 - The running statistics, the window of recent batch statistics and the backward's EMAs are state of the
   forward and backward calls, not of the step: they are persistent buffers, so checkpoints and HF save/load
-  keep them and a resumed run continues them exactly. Each micro-batch forward and its backward update
-  them, as in the released code (the running psi^2 in the backward, so a compiled backward reads it as the
-  forward did); a training forward without gradients (telemetry) updates nothing.
+  keep them and a resumed run continues them exactly. Each micro-batch updates them, as in the released code,
+  but in the custom Functions' backwards, so a compiled backward reads the buffers as the forward did; a
+  forward without a backward through the norm (telemetry, eval) updates nothing.
 - Under data parallelism the batch statistics are each rank's own, like nn.BatchNorm1d without SyncBatchNorm.
   DDP (its default broadcast_buffers) starts every forward from rank 0's buffers, so the running statistics
   and EMAs that persist are rank 0's; under FSDP each rank keeps its own.
@@ -65,8 +65,8 @@ def powernorm_backward(g: torch.Tensor, z: torch.Tensor, batch_var: torch.Tensor
 
 
 class UNNormalize(torch.autograd.Function):
-    """z = x / sqrt(var + eps) forward; UN's compensated backward, which also advances the gz window and EMA
-    and moves the running psi^2 towards `var`.
+    """z = x / sqrt(var + eps) forward; UN's compensated backward, which also advances the gz window and EMA,
+    pushes this batch's psi^2 into the window and moves the running psi^2 towards `var`.
 
     g = r dL/dz (dL/dz = gamma dL/dy); gz = mean over tokens of g z enters a window of the last W; m is the EMA
     (momentum 0.9) of the window's mean once `use_window`, of gz itself before; then `un_backward` with the
@@ -74,14 +74,17 @@ class UNNormalize(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, var, r, eps, ema_gz, gz_window, gz_filled, use_window, running_var):
+    def forward(ctx, x, var, r, eps, ema_gz, gz_window, gz_filled, use_window, running_var, window, window_filled,
+                psi2):
         ctx.eps = eps
-        ctx.save_for_backward(x, var, r, ema_gz, gz_window, gz_filled, use_window, running_var)
+        ctx.save_for_backward(x, var, r, ema_gz, gz_window, gz_filled, use_window, running_var, window,
+                              window_filled, psi2)
         return x * torch.rsqrt(var + eps)
 
     @staticmethod
     def backward(ctx, grad_z):
-        x, var, r, ema_gz, gz_window, gz_filled, use_window, running_var = ctx.saved_tensors
+        (x, var, r, ema_gz, gz_window, gz_filled, use_window, running_var, window_of_psi2, window_filled,
+         psi2) = ctx.saved_tensors
         z = x * torch.rsqrt(var + ctx.eps)
         g = grad_z * r
         gz = mean_over_tokens(g * z)
@@ -91,11 +94,14 @@ class UNNormalize(torch.autograd.Function):
         gz_window.copy_(window)
         gz_filled.copy_(filled)
         ema_gz.copy_(MOMENTUM * ema_gz + (1 - MOMENTUM) * m)
-        # Here, not in the forward: r is a function of the running psi^2 before this batch, and torch.compile's
-        # partitioner may recompute r in the backward from the buffer; a forward-side update would have changed
-        # it by then (compiled dL/dx off by up to 2.6 on one norm). Eager values are the same either way.
+        # Here, not in the forward: r and var are functions of the buffers before this batch, and torch.compile's
+        # partitioner may recompute them in the backward from the buffers; a forward-side update would have
+        # changed them by then (compiled dL/dx off by up to 2.6 on one norm). Eager values are the same either way.
+        window_of_psi2.copy_(torch.cat([window_of_psi2[1:], psi2[None]]))
+        window_filled.copy_(torch.clamp(window_filled + 1, max=UN_WINDOW))
         running_var.copy_(MOMENTUM * running_var + (1 - MOMENTUM) * var)
-        return un_backward(g, z, var, ctx.eps, ema_gz), None, None, None, None, None, None, None, None
+        return (un_backward(g, z, var, ctx.eps, ema_gz), None, None, None, None, None, None, None, None, None, None,
+                None)
 
 
 class PowerNormalize(torch.autograd.Function):
@@ -150,10 +156,6 @@ class RunningStatisticsNorm(Norm):
     def set_training_step(self, step: int, total_steps: int) -> None:
         self.in_warmup.fill_(step < steps_of(self.warmup, total_steps))
 
-    def tracking(self) -> bool:
-        """Training forwards with gradients update the statistics; eval and telemetry forwards do not."""
-        return self.training and torch.is_grad_enabled()
-
     def affine(self, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return self.weight * z.to(dtype) + self.bias
 
@@ -197,12 +199,8 @@ class UnifiedNorm(RunningStatisticsNorm):
         var = torch.where(use_window, geometric_mean(window), psi2)
         ratio = torch.sqrt((var + self.eps) / (self.running_var + self.eps))
         r = torch.where(self.compensated, ratio.clamp(1 / UN_R_BOUND, UN_R_BOUND), torch.ones_like(ratio))
-        if self.tracking():
-            with torch.no_grad():
-                self.window.copy_(window)
-                self.window_filled.copy_(filled)
         z = UNNormalize.apply(xf, var, r, self.eps, self.ema_gz, self.gz_window, self.gz_filled, ~self.in_warmup,
-                              self.running_var)
+                              self.running_var, self.window, self.window_filled, psi2)
         return self.affine(z, x.dtype)
 
 
