@@ -127,7 +127,8 @@ def test_powernorm_forward_backward_and_running_statistic_follow_the_rule_writte
 def test_un_eval_is_a_per_channel_affine_map_of_the_running_statistic():
     norm = fresh(UnifiedNorm)
     for x in batches(3):
-        norm(x)  # moves the running statistic off its init
+        norm(x.requires_grad_()).sum().backward()  # moves the running statistic off its init (in the backward)
+    assert not torch.equal(norm.running_var, torch.ones(D, dtype=torch.float64))
     norm.eval()
     x, y = batches(2, seed=3)
     a, b = 0.7, -1.9
@@ -141,7 +142,7 @@ def test_un_eval_is_a_per_channel_affine_map_of_the_running_statistic():
 def test_powernorm_eval_is_group_scaling_then_a_per_channel_affine_map():
     norm = fresh(PowerNorm)
     for x in batches(3):
-        norm(x)
+        norm(x.requires_grad_()).sum().backward()
     norm.eval()
     x, y = batches(2, seed=3)
     a, b = 0.7, -1.9
