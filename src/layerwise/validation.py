@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .nn.registry import fail, validate_variants
+from .nn.schedule import check_steps_field
 from .nn.value_residual import SATFORMER_GATES
 
 
@@ -53,11 +54,8 @@ def validate_config(cfg) -> None:
     k = cfg.bhyt_var_approx_exact_layers
     if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= cfg.n_layers:
         fail("bhyt_var_approx_exact_layers", k, f"must be an integer in 0..{cfg.n_layers} (n_layers)")
-    for field in ("prepbn_decay_steps", "prepbn_warmup_steps"):
-        steps = getattr(cfg, field)
-        if isinstance(steps, bool) or not isinstance(steps, (int, float)) or not 0 <= steps < float("inf") or (
-                steps >= 1 and steps != int(steps)):
-            fail(field, steps, "must be a fraction of the run in [0, 1) or a whole number of steps")
+    for field in ("prepbn_decay_steps", "prepbn_warmup_steps", "un_warmup_steps", "powernorm_warmup_steps"):
+        check_steps_field(cfg, field)
     if cfg.value_residual_gate not in SATFORMER_GATES:
         fail("value_residual_gate", cfg.value_residual_gate, f"is not one of {', '.join(SATFORMER_GATES)}")
     if cfg.value_residual_last_k is not None and not 1 <= cfg.value_residual_last_k <= cfg.n_layers - 1:

@@ -14,8 +14,9 @@ float32, and keep running statistics for eval. What follows from that:
   sets the step and a module keeps the phase its buffers hold (a fresh one: warm-up).
 - The running statistics, the window of recent batch statistics and the backward's EMAs are state of the
   forward and backward calls, not of the step: they are persistent buffers, so checkpoints and HF save/load
-  keep them and a resumed run continues them exactly. Each micro-batch forward (and its backward) updates
-  them, as in the released code; a training forward without gradients (telemetry) updates nothing.
+  keep them and a resumed run continues them exactly. Each micro-batch updates them, as in the released code,
+  but in the custom Functions' backwards, so a compiled backward reads the buffers as the forward did; a
+  forward without a backward through the norm (telemetry, eval) updates nothing.
 - Under data parallelism the batch statistics are each rank's own, like nn.BatchNorm1d without SyncBatchNorm.
   DDP (its default broadcast_buffers) starts every forward from rank 0's buffers, so the running statistics
   and EMAs that persist are rank 0's; under FSDP each rank keeps its own.
@@ -30,7 +31,6 @@ from torch import nn
 
 from ..numerics import at_least_float32
 from .norms import Norm, register_norm
-from .registry import fail
 from .schedule import steps_of
 
 MOMENTUM = 0.9  # both papers' EMA momentum, on the old value: ema <- 0.9 ema + 0.1 new
@@ -53,13 +53,6 @@ def geometric_mean(window: torch.Tensor) -> torch.Tensor:
     return window.log().mean(0).exp()
 
 
-def check_warmup_field(cfg, field: str) -> None:
-    value = getattr(cfg, field)
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not number or value < 0 or (value >= 1 and value != int(value)):
-        fail(field, value, "must be a fraction of the run below 1 or a whole number of steps (like TrainConfig.warmup)")
-
-
 def un_backward(g: torch.Tensor, z: torch.Tensor, var: torch.Tensor, eps: float, ema_gz: torch.Tensor) -> torch.Tensor:
     """Unified Normalization (Yang et al., ACM MM 2022) backward: dL/dx = (g - m z) / sqrt(psi^2 + eps)."""
     return (g - ema_gz * z) * torch.rsqrt(var + eps)
@@ -72,7 +65,8 @@ def powernorm_backward(g: torch.Tensor, z: torch.Tensor, batch_var: torch.Tensor
 
 
 class UNNormalize(torch.autograd.Function):
-    """z = x / sqrt(var + eps) forward; UN's compensated backward, which also advances the gz window and EMA.
+    """z = x / sqrt(var + eps) forward; UN's compensated backward, which also advances the gz window and EMA,
+    pushes this batch's psi^2 into the window and moves the running psi^2 towards `var`.
 
     g = r dL/dz (dL/dz = gamma dL/dy); gz = mean over tokens of g z enters a window of the last W; m is the EMA
     (momentum 0.9) of the window's mean once `use_window`, of gz itself before; then `un_backward` with the
@@ -80,14 +74,17 @@ class UNNormalize(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, var, r, eps, ema_gz, gz_window, gz_filled, use_window):
+    def forward(ctx, x, var, r, eps, ema_gz, gz_window, gz_filled, use_window, running_var, window, window_filled,
+                psi2):
         ctx.eps = eps
-        ctx.save_for_backward(x, var, r, ema_gz, gz_window, gz_filled, use_window)
+        ctx.save_for_backward(x, var, r, ema_gz, gz_window, gz_filled, use_window, running_var, window,
+                              window_filled, psi2)
         return x * torch.rsqrt(var + eps)
 
     @staticmethod
     def backward(ctx, grad_z):
-        x, var, r, ema_gz, gz_window, gz_filled, use_window = ctx.saved_tensors
+        (x, var, r, ema_gz, gz_window, gz_filled, use_window, running_var, window_of_psi2, window_filled,
+         psi2) = ctx.saved_tensors
         z = x * torch.rsqrt(var + ctx.eps)
         g = grad_z * r
         gz = mean_over_tokens(g * z)
@@ -97,28 +94,39 @@ class UNNormalize(torch.autograd.Function):
         gz_window.copy_(window)
         gz_filled.copy_(filled)
         ema_gz.copy_(MOMENTUM * ema_gz + (1 - MOMENTUM) * m)
-        return un_backward(g, z, var, ctx.eps, ema_gz), None, None, None, None, None, None, None
+        # Here, not in the forward: r and var are functions of the buffers before this batch, and torch.compile's
+        # partitioner may recompute them in the backward from the buffers; a forward-side update would have
+        # changed them by then (compiled dL/dx off by up to 2.6 on one norm). Eager values are the same either way.
+        window_of_psi2.copy_(torch.cat([window_of_psi2[1:], psi2[None]]))
+        window_filled.copy_(torch.clamp(window_filled + 1, max=UN_WINDOW))
+        running_var.copy_(MOMENTUM * running_var + (1 - MOMENTUM) * var)
+        return (un_backward(g, z, var, ctx.eps, ema_gz), None, None, None, None, None, None, None, None, None, None,
+                None)
 
 
 class PowerNormalize(torch.autograd.Function):
     """z = x / sqrt(var + eps) forward (var: the batch psi^2 in warm-up, the running one after); PowerNorm's
     backward, which divides by the batch psi^2 in both phases and then adds mean over tokens of (its g - (1 -
-    a_bkw) ema_gz z) times z to ema_gz, an undecayed sum as released (with mean z^2 ~ 1 it acts as an EMA)."""
+    a_bkw) ema_gz z) times z to ema_gz, an undecayed sum as released (with mean z^2 ~ 1 it acts as an EMA),
+    and moves the running psi^2 towards the batch's."""
 
     @staticmethod
-    def forward(ctx, x, var, batch_var, eps, ema_gz):
+    def forward(ctx, x, var, batch_var, eps, ema_gz, running_var):
         ctx.eps = eps
-        ctx.save_for_backward(x, var, batch_var, ema_gz)
+        ctx.save_for_backward(x, var, batch_var, ema_gz, running_var)
         return x * torch.rsqrt(var + eps)
 
     @staticmethod
     def backward(ctx, grad_z):
-        x, var, batch_var, ema_gz = ctx.saved_tensors
+        x, var, batch_var, ema_gz, running_var = ctx.saved_tensors
         z = x * torch.rsqrt(var + ctx.eps)
         approximate = grad_z - (1 - MOMENTUM) * ema_gz * z
         grad_x = powernorm_backward(grad_z, z, batch_var, ctx.eps, ema_gz)
         ema_gz.add_(mean_over_tokens(approximate * z))
-        return grad_x, None, None, None, None
+        # Here, not in the forward, for the reason given in `UNNormalize.backward`: after warm-up `var` is the
+        # running psi^2, which the compiled backward may read from the buffer.
+        running_var.copy_(MOMENTUM * running_var + (1 - MOMENTUM) * batch_var)
+        return grad_x, None, None, None, None, None
 
 
 class RunningStatisticsNorm(Norm):
@@ -130,10 +138,6 @@ class RunningStatisticsNorm(Norm):
     repeat_safe = False
     repeat_hazard = ("a norm run at two positions pushes both positions' batch statistics into one running "
                      "statistic and window")
-
-    @classmethod
-    def validate(cls, cfg):
-        check_warmup_field(cfg, cls.warmup_field)
 
     @classmethod
     def from_config(cls, dim, cfg, role):
@@ -151,10 +155,6 @@ class RunningStatisticsNorm(Norm):
 
     def set_training_step(self, step: int, total_steps: int) -> None:
         self.in_warmup.fill_(step < steps_of(self.warmup, total_steps))
-
-    def tracking(self) -> bool:
-        """Training forwards with gradients update the statistics; eval and telemetry forwards do not."""
-        return self.training and torch.is_grad_enabled()
 
     def affine(self, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return self.weight * z.to(dtype) + self.bias
@@ -199,12 +199,8 @@ class UnifiedNorm(RunningStatisticsNorm):
         var = torch.where(use_window, geometric_mean(window), psi2)
         ratio = torch.sqrt((var + self.eps) / (self.running_var + self.eps))
         r = torch.where(self.compensated, ratio.clamp(1 / UN_R_BOUND, UN_R_BOUND), torch.ones_like(ratio))
-        if self.tracking():
-            with torch.no_grad():
-                self.window.copy_(window)
-                self.window_filled.copy_(filled)
-                self.running_var.copy_(MOMENTUM * self.running_var + (1 - MOMENTUM) * var)
-        z = UNNormalize.apply(xf, var, r, self.eps, self.ema_gz, self.gz_window, self.gz_filled, ~self.in_warmup)
+        z = UNNormalize.apply(xf, var, r, self.eps, self.ema_gz, self.gz_window, self.gz_filled, ~self.in_warmup,
+                              self.running_var, self.window, self.window_filled, psi2)
         return self.affine(z, x.dtype)
 
 
@@ -234,8 +230,5 @@ class PowerNorm(RunningStatisticsNorm):
             return self.affine(s * torch.rsqrt(self.running_var + self.eps), x.dtype)
         psi2 = batch_quadratic_mean(s)
         var = torch.where(self.in_warmup, psi2, self.running_var)
-        z = PowerNormalize.apply(s, var, psi2, self.eps, self.ema_gz)
-        if self.tracking():
-            with torch.no_grad():
-                self.running_var.copy_(MOMENTUM * self.running_var + (1 - MOMENTUM) * psi2)
+        z = PowerNormalize.apply(s, var, psi2, self.eps, self.ema_gz, self.running_var)
         return self.affine(z, x.dtype)

@@ -10,10 +10,21 @@ from __future__ import annotations
 
 from torch import nn
 
+from .registry import fail
+
 
 def steps_of(value: float, total_steps: int) -> int:
     """A schedule length given like TrainConfig.warmup: a fraction of the run if < 1, else a step count."""
     return round(value * total_steps) if value < 1 else int(value)
+
+
+def check_steps_field(cfg, field: str) -> None:
+    """Refuse a schedule-length field `steps_of` cannot read, naming it."""
+    value = getattr(cfg, field)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not 0 <= value < float("inf") or (value >= 1 and value != int(value)):
+        fail(field, value, "must be a fraction of the run in [0, 1) or a whole number of steps, like "
+             "TrainConfig.warmup")
 
 
 def scheduled_modules(model: nn.Module) -> list[nn.Module]:
