@@ -49,3 +49,18 @@ def test_each_row_says_how_far_it_is_from_the_first_preset_and_whether_that_exce
     assert {r["preset"]: r["paired_delta_std"] for r in shuffled}["other"] == pytest.approx(0.2)  # differences +0.2, 0, -0.2: paired by seed
     one_seed = aggregate({"base": _summaries([3.0]), "far": _summaries([2.0])}, {"base": 1, "far": 1})
     assert [r["beyond_seed_spread"] for r in one_seed] == [None, None]  # no spread to exceed
+
+
+def test_every_preset_a_script_or_the_readme_compares_is_registered():
+    """A renamed preset must not leave a recorded comparison command that no longer runs."""
+    import re
+    from pathlib import Path
+
+    from layerwise.presets import PRESETS
+
+    root = Path(__file__).resolve().parents[1]
+    texts = [p.read_text() for p in sorted((root / "scripts").glob("*.sh"))] + [(root / "README.md").read_text()]
+    named = {name for text in texts for group in re.findall(r"--presets[ =\\\n]+([\w,.-]+)", text)
+             for name in group.split(",") if name}
+    assert "prepbn" in named and "satformer-softmax-sigmoid" in named  # the pattern reads the scripts' lists
+    assert named - set(PRESETS) == set()
