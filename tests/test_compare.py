@@ -46,7 +46,8 @@ def test_each_row_says_how_far_it_is_from_the_first_preset_and_whether_that_exce
     assert "| close | 0.00M | 3.1500 ± 0.1000 | +0.0500 ± 0.0000 | no |" in table
     shuffled = aggregate({"base": _summaries([3.0, 3.1, 3.2]), "other": _summaries([3.2, 3.1, 3.0])},
                          {"base": 1, "other": 1})
-    assert {r["preset"]: r["paired_delta_std"] for r in shuffled}["other"] == pytest.approx(0.2)  # differences +0.2, 0, -0.2: paired by seed
+    # Per-seed differences +0.2, 0, -0.2: the same means, but paired by seed they spread.
+    assert {r["preset"]: r["paired_delta_std"] for r in shuffled}["other"] == pytest.approx(0.2)
     one_seed = aggregate({"base": _summaries([3.0]), "far": _summaries([2.0])}, {"base": 1, "far": 1})
     assert [r["beyond_seed_spread"] for r in one_seed] == [None, None]  # no spread to exceed
 

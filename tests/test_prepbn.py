@@ -12,7 +12,6 @@ from layerwise import LayerwiseForCausalLM, ModelConfig
 from layerwise.errors import UserError
 from layerwise.nn.initialization import init_weights
 from layerwise.nn.norms import IdentityNorm, PRepBN, prepbn_lambda
-from layerwise.nn.schedule import set_training_step
 from layerwise.train.checkpoint import list_checkpoints
 from layerwise.train.config import TrainConfig
 from layerwise.train.trainer import TrainerCallback, train

@@ -18,9 +18,8 @@ from torch import nn
 from .attention import CausalSelfAttention
 from .block import BHyTParallelLayer
 from .mlp import MLP
-from .norms import (BetaVarianceApproximation, BHyT, DyT, EtaVarianceApproximation, FrozenScaleNorm, Norm,
+from .norms import (BetaVarianceApproximation, BHyT, DyT, EtaVarianceApproximation, FrozenScaleNorm, Norm, PRepBN,
                     ReaderGainLinear, ResidualAwareVarianceApproximation, SeeDNorm, TrackedStd)
-from .norms import PRepBN
 from .positions import LearnedPositions
 from .registry import variant_of
 from .running_norms import RunningStatisticsNorm, UnifiedNorm

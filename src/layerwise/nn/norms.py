@@ -226,7 +226,8 @@ class BHyT(Norm):
             for field, default in (("bhyt_var_approx", "baseline"), ("bhyt_var_approx_exact_layers", 0)):
                 if getattr(cfg, field) != default:
                     fail(field, getattr(cfg, field), "shapes the parallel form's approximate MLP-input variance, "
-                         f"but bhyt_exact=True (BHyT*) computes it exactly: set {field}={default!r} or bhyt_exact=False")
+                         f"but bhyt_exact=True (BHyT*) computes it exactly: set {field}={default!r} or "
+                         "bhyt_exact=False")
 
     @classmethod
     def layer_class(cls, cfg):

@@ -393,9 +393,9 @@ def fold_prepbn_refusal(model: nn.Module) -> str | None:
                     "affine map (use a pre placement without embedding_norm)")
         lam = float(site.norm.lam)
         if lam != 0:
-            return (f"the PRepBN {name} has lambda={lam:g}, not 0: its LayerNorm part is not affine; lambda reaches 0 at "
-                    "step prepbn_warmup_steps + prepbn_decay_steps, so train at least one step past it (or shorten "
-                    "them)")
+            return (f"the PRepBN {name} has lambda={lam:g}, not 0: its LayerNorm part is not affine; lambda reaches "
+                    "0 at step prepbn_warmup_steps + prepbn_decay_steps, so train at least one step past it (or "
+                    "shorten them)")
         stuck = [type(r).__name__ for r in site.readers if not _can_take_bias(r, model)]
         if stuck:
             return f"the PRepBN {name} is read by a {stuck[0]}, which cannot take the bias its map needs"
