@@ -106,6 +106,28 @@ def greedy_without_cache(model, ids, n_new):
     return ids
 
 
+def assert_compiled_training_matches_eager(eager, batches, backend: str):
+    """Train a deep copy of `eager` compiled (fullgraph) beside it on `batches`: after every step the logits,
+    every parameter's gradient and every buffer agree. AOTAutograd (aot_eager, inductor) may recompute saved
+    values in the backward from buffers the forward updated in place; this is where that would show."""
+    import copy
+
+    compiled_model = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    compiled = torch.compile(compiled_model, backend=backend, fullgraph=True)
+    for ids in batches:
+        eager.zero_grad()
+        compiled_model.zero_grad()
+        a, b = eager(ids, labels=ids), compiled(ids, labels=ids)
+        a.loss.backward()
+        b.loss.backward()
+        torch.testing.assert_close(b.logits, a.logits)
+        for (name, p), q in zip(eager.named_parameters(), compiled_model.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, msg=name)
+        for (name, buf), other in zip(eager.named_buffers(), compiled_model.buffers()):
+            torch.testing.assert_close(other, buf, msg=name)
+
+
 def mean_loss(model, batches):
     """Mean next-token cross-entropy of a plain forward over every target of `batches` (float64 logits)."""
     import torch.nn.functional as F

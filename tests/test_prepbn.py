@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from conftest import greedy_without_cache, tiny_model
+from conftest import assert_compiled_training_matches_eager, greedy_without_cache, tiny_model
 
 from layerwise import LayerwiseForCausalLM, ModelConfig
 from layerwise.errors import UserError
@@ -269,24 +269,8 @@ def test_fold_refuses_a_model_without_prepbn():
 def test_compiled_training_mid_decay_matches_eager_in_outputs_gradients_and_buffers(backend):
     """AOTAutograd (aot_eager, inductor) may recompute saved values in the backward from the buffers, which the
     forward updates in place; mid-decay both the LN and the RepBN parts carry gradient."""
-    import copy
-
     torch.manual_seed(0)
     eager = _randomise_prepbns(LayerwiseForCausalLM(ModelConfig.from_preset("prepbn", n_layers=2)).train(), lam=0.4)
-    compiled_model = copy.deepcopy(eager)
-    torch._dynamo.reset()
-    compiled = torch.compile(compiled_model, backend=backend, fullgraph=True)
-    for _ in range(3):
-        ids = torch.randint(0, 256, (2, 16))
-        eager.zero_grad()
-        compiled_model.zero_grad()
-        a, b = eager(ids, labels=ids), compiled(ids, labels=ids)
-        a.loss.backward()
-        b.loss.backward()
-        torch.testing.assert_close(b.logits, a.logits)
-        for (name, p), q in zip(eager.named_parameters(), compiled_model.parameters()):
-            torch.testing.assert_close(q.grad, p.grad, msg=name)
-        for (name, buf), other in zip(eager.named_buffers(), compiled_model.buffers()):
-            torch.testing.assert_close(other, buf, msg=name)
+    assert_compiled_training_matches_eager(eager, [torch.randint(0, 256, (2, 16)) for _ in range(3)], backend)
     norm = next(m for m in eager.modules() if isinstance(m, PRepBN))
     assert 0 < float(norm.lam) < 1 and norm.eta.grad.abs() > 0 and norm.weight.grad.abs().max() > 0

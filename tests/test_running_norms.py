@@ -5,6 +5,7 @@ import warnings
 import pytest
 import torch
 import transformers
+from conftest import assert_compiled_training_matches_eager
 
 from layerwise import LayerwiseForCausalLM, ModelConfig
 from layerwise.errors import UserError
@@ -253,8 +254,6 @@ def test_compiled_fullgraph_after_warm_up_matches_eager_in_outputs_gradients_and
     """aot_eager and inductor run AOTAutograd, whose partitioner may recompute saved values in the backward from
     the buffers; the running psi^2 sits near the batch's (UN's r unclamped, varying per channel) so a backward
     that read an updated buffer would differ."""
-    import copy
-
     from layerwise.nn.running_norms import geometric_mean
     from layerwise.nn.schedule import set_training_step
 
@@ -274,20 +273,7 @@ def test_compiled_fullgraph_after_warm_up_matches_eager_in_outputs_gradients_and
     if preset == "un":
         r = torch.stack([(geometric_mean(n.window) / n.running_var).sqrt() for n in norms])
         assert bool(norms[0].compensated) and (r > 0.5).all() and (r < 2).all() and r.std() > 0.05
-    compiled_model = copy.deepcopy(eager)
-    torch._dynamo.reset()
-    compiled = torch.compile(compiled_model, backend=backend, fullgraph=True)
-    for ids in batches_of_ids[5:]:
-        eager.zero_grad()
-        compiled_model.zero_grad()
-        a, b = eager(ids, labels=ids), compiled(ids, labels=ids)
-        a.loss.backward()
-        b.loss.backward()
-        torch.testing.assert_close(b.logits, a.logits)
-        for (name, p), q in zip(eager.named_parameters(), compiled_model.parameters()):
-            torch.testing.assert_close(q.grad, p.grad, msg=name)
-        for (name, buf), other in zip(eager.named_buffers(), compiled_model.buffers()):
-            torch.testing.assert_close(other, buf, msg=name)
+    assert_compiled_training_matches_eager(eager, batches_of_ids[5:], backend)
 
 
 def test_an_interrupted_un_run_resumed_equals_the_uninterrupted_one(corpus, tmp_path, monkeypatch):

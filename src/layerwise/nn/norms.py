@@ -14,6 +14,7 @@ from torch import nn
 
 from ..numerics import at_least_float32
 from .registry import Registry, Variant, fail, variant_of
+from .schedule import steps_of
 
 NORMS: Registry["Norm"] = Registry("norm", "norm")
 register_norm = NORMS.register
@@ -438,8 +439,6 @@ class PRepBN(Norm):
                    warmup_steps=cfg.prepbn_warmup_steps)
 
     def set_training_step(self, step: int, total_steps: int) -> None:
-        from .schedule import steps_of
-
         self.lam.fill_(prepbn_lambda(step, steps_of(self.warmup_steps, total_steps),
                                      steps_of(self.decay_steps, total_steps)))
 

@@ -143,17 +143,10 @@ def batch_statistics_note(model: torch.nn.Module, micro_batch: int, batch_size: 
     return note + (" (the running statistics are rank 0's: DDP broadcasts its buffers each forward)" if ddp else "")
 
 
-def batch_statistics_state(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Copies of the buffers of every batch-statistics norm: a skipped step's forward and backward have already
-    moved them (one NaN batch would leave NaN running statistics for good), so a skip puts them back."""
-    return [(b, b.detach().clone()) for m in model.modules() if getattr(m, "batch_statistics", False)
-            for b in m.buffers(recurse=False)]
-
-
-def restore_batch_statistics(state: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    with torch.no_grad():
-        for buffer, saved in state:
-            buffer.copy_(saved)
+def batch_statistics_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The buffers of every batch-statistics norm: a skipped step's forward and backward have already moved
+    them (one NaN batch would leave NaN running statistics for good), so a skip puts them back."""
+    return [b for m in model.modules() if getattr(m, "batch_statistics", False) for b in m.buffers(recurse=False)]
 
 
 class ModelStepSchedule(TrainerCallback):
@@ -296,6 +289,7 @@ class Trainer:
             last_val = self._evaluate(forward, data)
             if rt.is_main:
                 log.write({"step": 0, "tokens": 0, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50))})
+        statistics = batch_statistics_buffers(model)
         with progress:
             task = progress.add_task("train", total=total, completed=start_step, stats="")
             for step in range(start_step, total):
@@ -304,14 +298,16 @@ class Trainer:
                 lr = lr_at(step, cfg, total)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                statistics = batch_statistics_state(model)
+                statistics_before = [b.clone() for b in statistics]
                 loss, grad_norm, first_x = self._train_step(step, forward, wrapped, model, optimizer, data)
                 tokens = (step + 1) * cfg.tokens_per_step
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     consecutive_bad += 1
                     self.bad_total += 1
                     optimizer.zero_grad(set_to_none=True)
-                    restore_batch_statistics(statistics)
+                    with torch.no_grad():
+                        for buffer, saved in zip(statistics, statistics_before):
+                            buffer.copy_(saved)
                     if rt.is_main:
                         console.print(f"[yellow]step {step}: non-finite loss or gradient; step skipped "
                                       f"({consecutive_bad} in a row)")
